@@ -29,6 +29,11 @@ class BatchNormGrads(NamedTuple):
     dbeta: object
 
 
+def values_per_channel(shape, axis):
+    """How many values each channel holds: the product of every other dimension."""
+    return math.prod(s for d, s in enumerate(shape) if d != axis)
+
+
 def stats_dtype(dtype):
     """float32 statistics for float16/float32 data, float64 for float64 (as PyTorch)."""
     return np.dtype(np.float64) if np.dtype(dtype) == np.float64 else np.dtype(np.float32)
@@ -188,7 +193,7 @@ def batch_norm_forward(x, gamma=None, beta=None, *, axis=1, eps=1e-5, training=T
     _check_data(x)
     axis = normalize_axis(axis, x.ndim, x.shape)
     channels = x.shape[axis]
-    count = x.size // channels if channels else 0
+    count = values_per_channel(x.shape, axis)
     eps = _check_eps(eps)
     momentum = _check_momentum(momentum)
     training = bool(training)
@@ -318,7 +323,7 @@ def moments(x, *, axis=1, backend=None):
     _check_data(x)
     axis = normalize_axis(axis, x.ndim, x.shape)
     channels = x.shape[axis]
-    count = x.size // channels if channels else 0
+    count = values_per_channel(x.shape, axis)
     if count < 1:
         raise ValueError(f"x: expected at least 1 value per channel, got 0 for x of shape "
                          f"{tuple(x.shape)} with channel axis {axis}")

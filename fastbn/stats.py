@@ -46,7 +46,7 @@ class RunningMoments:
 
     def update(self, x, axis=1, *, backend=None):
         """Add every value of ``x`` (channel axis ``axis``) to the statistics. Returns self."""
-        from .api import _Canonical, _check_data
+        from .api import _Canonical, _check_data, values_per_channel
         be = backends.resolve(backend, (x,))
         x = be.asarray(x, "x")
         _check_data(x)
@@ -54,8 +54,8 @@ class RunningMoments:
         if x.shape[axis] != self.num_channels:
             raise ValueError(f"x: expected {self.num_channels} channels on axis {axis}, got "
                              f"shape {tuple(x.shape)}")
-        count = x.size // self.num_channels if self.num_channels else 0
-        if count == 0:
+        count = values_per_channel(x.shape, axis)
+        if count == 0 or self.num_channels == 0:
             return self
         mean, m2 = be.channel_moments(_Canonical(be, x, axis).view(x))
         self._absorb(count, np.asarray(be.to_host(mean)), np.asarray(be.to_host(m2)))

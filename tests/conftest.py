@@ -26,7 +26,7 @@ TEST_BACKENDS = [b.strip() for b in os.environ.get("FASTBN_TEST_BACKENDS", "cpu"
                  if b.strip()]
 
 
-@pytest.fixture(params=TEST_BACKENDS)
+@pytest.fixture(params=TEST_BACKENDS, scope="session")
 def backend(request):
     """A backend under test (compared against the reference)."""
     if request.param == "cuda":
