@@ -11,7 +11,26 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 import fastbn
+from conftest import TEST_BACKENDS
+from fastbn import _config
 from _cases import bn_cases, make_array, tolerance
+
+
+@pytest.fixture(autouse=True, scope="module",
+                params=["default-config", "parallel-tiny-chunks"] if "cpu" in TEST_BACKENDS
+                else ["default-config"])
+def cpu_config(request):
+    """Run the suite twice on the cpu backend: as configured, and with every call taking the
+    parallel kernels and channels-last rows split into many small chunks (Chan merges)."""
+    if request.param == "default-config":
+        yield request.param
+        return
+    saved = _config.CPU_PARALLEL_MIN_SIZE, _config.CPU_CHUNK_ELEMENTS
+    _config.CPU_PARALLEL_MIN_SIZE, _config.CPU_CHUNK_ELEMENTS = 0, 7
+    try:
+        yield request.param
+    finally:
+        _config.CPU_PARALLEL_MIN_SIZE, _config.CPU_CHUNK_ELEMENTS = saved
 
 
 def _poisoned_like(a, dtype=None):
