@@ -67,3 +67,21 @@ def backward(dy3, x3, mean, invstd, weight, training, dx3):
         dx = dy * _per_channel(gamma * invstd)
     dx3[...] = dx
     return sum_dy, sum_dy_xhat
+
+
+def backward_reduce(dy3, x3, mean):
+    """Backward's per-channel reductions alone: sum(dy), sum(dy * (x - mean)), sum(x - mean).
+    The synchronized backward (fastbn.distributed) adds them over processes, then calls
+    backward_apply with coefficients from the global sums."""
+    dy = dy3.astype(np.float64)
+    centered = x3.astype(np.float64) - _per_channel(mean)
+    return dy.sum(axis=REDUCE), (dy * centered).sum(axis=REDUCE), centered.sum(axis=REDUCE)
+
+
+def backward_apply(dy3, x3, mean, scale, mean_dy, coef, dx3):
+    """dx = scale * (dy - mean_dy - (x - mean) * coef): backward's last step, per-channel
+    coefficients given (for Algorithm 1: scale = gamma * invstd, mean_dy = mean(dy),
+    coef = invstd^2 * mean(dy * (x - mean)))."""
+    dx3[...] = _per_channel(scale) * (dy3.astype(np.float64) - _per_channel(mean_dy)
+                                      - (x3.astype(np.float64) - _per_channel(mean))
+                                      * _per_channel(coef))
