@@ -13,6 +13,47 @@ JIT_OPTIONS = dict(cache=os.environ.get("FASTBN_NO_CACHE", "") == "", nogil=True
 # more than the work.
 CPU_PARALLEL_MIN_SIZE = int(os.environ.get("FASTBN_CPU_PARALLEL_MIN_SIZE", 1 << 15))
 
-# Channels-last (inner == 1) reductions split rows into chunks of about this many elements.
-# The chunking is fixed by the shape alone, so results do not depend on the thread count.
+# The unit of work splitting, in elements: channels-last (inner == 1) row blocks hold about this
+# many values, and channel-major statistics fold their shifted sums into the running mean every
+# this many values. Every split is fixed by the shape and these settings alone, so results do
+# not depend on the thread count.
 CPU_CHUNK_ELEMENTS = 1 << 14
+
+# Channel-major (inner > 1) tensors with fewer channels than this split each channel into
+# segments (so that C=1 with millions of values still uses every thread).
+CPU_MIN_TASKS = 16
+
+# Row blocks per call, at most, when a matrix (channels-last) is split by rows: each keeps a
+# partial sum per column and statistic.
+CPU_MAX_TASKS = 64
+
+# Channel runs shorter than this (inner < CPU_MIN_RUN, e.g. NCHW 7x7) are computed as a
+# (outer, C * inner) matrix, whose column loops are long enough to vectorize.
+CPU_MIN_RUN = 128
+
+# A task fuses statistics and normalization (or gradient sums and dx) over a block of whole
+# channels when the block's inputs, over all rows, fit in this many bytes (about half of a
+# core's L2), so the second pass reads from cache; larger matrices are split by rows instead.
+CPU_FUSED_BYTES = 1 << 20
+
+# ---- CUDA launch configuration (read by fastbn/backends/cuda.py at every launch, so tests can
+# shrink it by assigning these attributes). Under numba's simulator (NUMBA_ENABLE_CUDASIM=1) every
+# GPU thread is a Python thread, so the defaults there are tiny; FASTBN_CUDA_* overrides either.
+_CUDA_SIMULATOR = os.environ.get("NUMBA_ENABLE_CUDASIM", "0").strip() not in ("", "0")
+
+# Threads per block: a power of two (block reductions halve it); kernels compile per value.
+CUDA_THREADS_PER_BLOCK = int(os.environ.get("FASTBN_CUDA_THREADS_PER_BLOCK",
+                                            8 if _CUDA_SIMULATOR else 256))
+# Most blocks one launch uses; grid-stride loops cover the rest of the tensor.
+CUDA_MAX_BLOCKS = int(os.environ.get("FASTBN_CUDA_MAX_BLOCKS", 4 if _CUDA_SIMULATOR else 2048))
+# Fewest blocks a launch uses: numba-cuda warns (NumbaPerformanceWarning) about grids under 128
+# blocks, so small problems get idle extra blocks, which exit at once, instead of a warning.
+# Results do not depend on the grid size.
+CUDA_MIN_BLOCKS = int(os.environ.get("FASTBN_CUDA_MIN_BLOCKS", 1 if _CUDA_SIMULATOR else 128))
+# A channel is split across blocks only in pieces of at least this many values per thread.
+CUDA_MIN_ITEMS_PER_THREAD = int(os.environ.get("FASTBN_CUDA_MIN_ITEMS_PER_THREAD",
+                                               1 if _CUDA_SIMULATOR else 8))
+# Channels-last (inner == 1): threads of a block side by side along channels (a power of two).
+CUDA_CHANNEL_TILE = int(os.environ.get("FASTBN_CUDA_CHANNEL_TILE", 4 if _CUDA_SIMULATOR else 32))
+# Loads each thread issues before using them (memory-level parallelism); compiled in.
+CUDA_UNROLL = int(os.environ.get("FASTBN_CUDA_UNROLL", 2 if _CUDA_SIMULATOR else 4))

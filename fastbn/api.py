@@ -332,5 +332,5 @@ def moments(x, *, axis=1, backend=None):
     mean = be.empty((channels,), sdtype)
     var = be.empty((channels,), sdtype)
     be.copyto(mean, mean64)
-    be.copyto(var, m2 / count)
+    be.copyto(var, be.var_from_m2(m2, count))
     return mean, var

@@ -10,4 +10,4 @@ pip install -q -e ".[test,cuda,paper,mpi]"
 echo "== lane 1: reference + cpu (and mpi, trainer) =="
 python -m pytest -q
 echo "== lane 2: cuda backend under numba's simulator (NUMBA_ENABLE_CUDASIM=1) =="
-NUMBA_ENABLE_CUDASIM=1 python -m pytest -q -m "not gpu" tests/test_cuda_sim.py
+FASTBN_TEST_BACKENDS=cuda NUMBA_ENABLE_CUDASIM=1 python -m pytest -q -m "not gpu" tests/test_backends.py tests/test_errors.py tests/test_cuda.py

@@ -314,6 +314,8 @@ def test_bitwise_deterministic(backend, dtype, shape, axis, rng):
 
 @pytest.mark.parametrize("shape, axis", [((8, 6, 900), 1), ((9000, 7), 1)])
 def test_concurrent_calls_match_serial_calls(backend, shape, axis):
+    if backend == "cuda":      # every simulated GPU thread is a Python thread: keep it small
+        shape = (3, 6, 25) if axis == 1 and len(shape) == 3 else (50, 7)
     rng = np.random.default_rng(7)
     inputs = [rng.standard_normal(shape).astype(np.float32) for _ in range(4)]
     serial = [fastbn.batch_norm_forward(x, axis=axis, backend=backend).y for x in inputs]

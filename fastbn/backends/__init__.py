@@ -11,8 +11,14 @@ Every backend module exposes the same operations on the canonical ``(outer, C, i
 ``backward(dy3, x3, mean, invstd, weight, training, dx3) -> (sum_dy, sum_dy_xhat)``
     writes dx; returns the float64 per-channel reductions (dbeta, dgamma).
 
-plus the array helpers the API layer uses (``asarray``, ``empty``, ``view3``, ...).
-``weight``/``bias`` are float64 contiguous (C,) arrays or None (identity).
+plus the array helpers the API layer uses (``asarray``, ``empty``, ``view3``, ``copyto``,
+``to_float64``, ``invstd_from_var``, ``var_from_m2``, ``update_running_stats``, ``to_host``, ...)
+and ``ON_DEVICE``. ``weight``/``bias`` are float64 contiguous (C,) arrays or None (identity).
+
+A device backend (``ON_DEVICE = True``: cuda) also has ``to_device`` and may define
+``check_available()``, which ``load`` calls once so a missing GPU is a clear error. Given only
+host arrays, a device backend runs through ``HostRoundTrip`` (see _roundtrip.py): host helpers,
+device operations, results copied back.
 """
 import contextlib
 import contextvars
@@ -25,6 +31,7 @@ DEFAULT_BACKEND = "cpu"
 _global_backend = DEFAULT_BACKEND
 _context_backend = contextvars.ContextVar("fastbn_backend", default=None)
 _modules = {}
+_round_trips = {}
 _lock = threading.Lock()
 
 
@@ -35,13 +42,21 @@ def _check_name(name):
 
 
 def load(name):
-    """Import a backend module by name (the cuda module only when asked for)."""
+    """Import a backend module by name (the cuda module only when asked for).
+
+    Raises ImportError when the backend's package is missing, and RuntimeError (from its
+    ``check_available``) when it cannot run here, e.g. "cuda" without a GPU."""
     _check_name(name)
     module = _modules.get(name)
     if module is None:
         with _lock:
-            module = importlib.import_module(f"fastbn.backends.{name}")
-            _modules[name] = module
+            module = _modules.get(name)
+            if module is None:
+                module = importlib.import_module(f"fastbn.backends.{name}")
+                check = getattr(module, "check_available", None)
+                if check is not None:
+                    check()
+                _modules[name] = module
     return module
 
 
@@ -67,11 +82,29 @@ def use_backend(name):
 
 
 def is_device_array(a):
-    return a is not None and hasattr(a, "__cuda_array_interface__") and not hasattr(a, "__array_interface__")
+    """CUDA device memory: numba device arrays (also the simulator's), or anything exporting
+    ``__cuda_array_interface__`` (CuPy arrays, PyTorch CUDA tensors) but no host interface."""
+    if a is None:
+        return False
+    if getattr(type(a), "__cuda_ndarray__", False):
+        return True
+    return hasattr(a, "__cuda_array_interface__") and not hasattr(a, "__array_interface__")
+
+
+def _round_trip(module):
+    adapter = _round_trips.get(module.name)
+    if adapter is None:
+        from ._roundtrip import HostRoundTrip
+        adapter = _round_trips.setdefault(module.name, HostRoundTrip(module))
+    return adapter
 
 
 def resolve(backend, arrays):
-    """Pick the backend: the ``backend=`` argument, then device arrays, then use_backend/set_backend."""
+    """Pick the backend: the ``backend=`` argument, then device arrays, then
+    use_backend/set_backend.
+
+    A device backend given only host arrays copies them to the device and back (HostRoundTrip);
+    given a mix of host and device arrays, its ``asarray`` refuses the host ones by name."""
     on_device = [a for a in arrays if is_device_array(a)]
     if backend is not None:
         name = _check_name(backend)
@@ -82,4 +115,7 @@ def resolve(backend, arrays):
     if on_device and name != "cuda":
         raise TypeError(f"backend: got CUDA device arrays but backend {name!r} works on host "
                         f"(NumPy) arrays; use backend='cuda' or copy the arrays to the host")
-    return load(name)
+    module = load(name)
+    if getattr(module, "ON_DEVICE", False) and not on_device:
+        return _round_trip(module)
+    return module

@@ -6,7 +6,8 @@ ON_DEVICE = False
 
 
 def asarray(a, name):
-    if hasattr(a, "__cuda_array_interface__") and not hasattr(a, "__array_interface__"):
+    from . import is_device_array
+    if is_device_array(a):
         raise TypeError(f"{name}: got a CUDA device array, but this backend works on host (NumPy) "
                         f"arrays; use backend='cuda' for device arrays")
     return np.asarray(a)
@@ -63,6 +64,11 @@ def update_running_stats(running_mean, running_var, mean, var, count, momentum, 
 
 def invstd_from_var(var, eps):
     return 1.0 / np.sqrt(var + eps)
+
+
+def var_from_m2(m2, count):
+    """Biased variance from the sum of squared deviations."""
+    return m2 / count
 
 
 def gather3(a, perm, shape3):
