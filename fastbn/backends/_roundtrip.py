@@ -67,3 +67,12 @@ class HostRoundTrip:
         np.copyto(running_mean, self._down(device_mean))
         np.copyto(running_var, self._down(device_var))
         return skipped
+
+    def backward_reduce(self, dy3, x3, mean):
+        return self.device.backward_reduce(self._up(dy3), self._up(x3), self._up(mean))
+
+    def backward_apply(self, dy3, x3, mean, scale, mean_dy, coef, dx3):
+        dx = self.device.empty(dx3.shape, dx3.dtype)
+        self.device.backward_apply(self._up(dy3), self._up(x3), self._up(mean), self._up(scale),
+                                   self._up(mean_dy), self._up(coef), dx)
+        np.copyto(dx3, self._down(dx))

@@ -831,7 +831,7 @@ def to_float64(a):
 
 
 def to_host(a):
-    return a.copy_to_host()
+    return a if isinstance(a, np.ndarray) else a.copy_to_host()
 
 
 def to_device(a):
@@ -944,3 +944,43 @@ def backward(dy3, x3, mean, invstd, weight, training, dx3):
     _launch(settings, "backward_apply", _elementwise_blocks(x3.size, settings), dy3, x3, coef,
             training, dx3)
     return sum_dy, sum_dy_xhat
+
+
+def _backward_partials(settings, dy3, x3, mean):
+    """(3, C * splits) float64 partials of sum(dy), sum(dy * (x - mean)), sum(x - mean)."""
+    outer, channels, inner = x3.shape
+    if inner == 1:
+        tile, splits, rows_per_split, blocks = plan_channels_last(outer, channels, settings)
+        part = empty((3, channels * splits), np.float64)
+        _launch(settings, "backward_partials_channels_last", blocks, dy3, x3, mean, tile,
+                rows_per_split, splits, part)
+    else:
+        splits, chunk, blocks = plan_channel_major(outer, channels, inner, settings)
+        part = empty((3, channels * splits), np.float64)
+        _launch(settings, "backward_partials_channel_major", blocks, dy3, x3, mean, chunk,
+                splits, part)
+    return part, splits
+
+
+def backward_reduce(dy3, x3, mean):
+    """Backward's per-channel reductions alone, as host float64 vectors: sum(dy),
+    sum(dy * (x - mean)), sum(x - mean). The synchronized backward (fastbn.distributed) adds
+    them over processes, then calls backward_apply with the global coefficients."""
+    channels = x3.shape[1]
+    if x3.size == 0:
+        return np.zeros(channels), np.zeros(channels), np.zeros(channels)
+    part, splits = _backward_partials(_settings(), dy3, x3, mean)
+    # the partials are small (3 x C x splits); add them on the host in a fixed order
+    sums = to_host(part).reshape(3, channels, splits).sum(axis=2)
+    return sums[0], sums[1], sums[2]
+
+
+def backward_apply(dy3, x3, mean, scale, mean_dy, coef, dx3):
+    """dx = scale * (dy - mean_dy - (x - mean) * coef), with float64 (C,) coefficients."""
+    if x3.size == 0:
+        return
+    settings = _settings()
+    coefficients = to_device(np.ascontiguousarray(np.stack(
+        [to_host(v) for v in (mean, scale, mean_dy, coef)]).astype(np.float64)))
+    _launch(settings, "backward_apply", _elementwise_blocks(x3.size, settings), dy3, x3,
+            coefficients, True, dx3)
