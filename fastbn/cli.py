@@ -3,6 +3,14 @@
 Each subcommand is one function registered with :func:`command`, which also declares its
 arguments; adding one (say ``fastbn bench``) is one more decorated function. Heavy imports
 happen inside the subcommands, so ``fastbn --help`` answers at once.
+
+``--distributed`` (``mpiexec -n K fastbn paper --distributed ...``) trains data parallel over
+MPI's COMM_WORLD. Every rank runs the same command: it loads the data, checks with the other
+ranks that they hold the same data and training options, trains on its rows of every global
+batch, and only rank 0 prints and writes files. An error that some ranks hit before training
+(missing data, an unwritable output directory) is reported on every rank, naming the rank, and
+every rank exits with status 1; an unexpected error on one rank later on aborts the whole job
+(``MPI_Abort``) with a message naming the rank, so that no rank waits forever.
 """
 import argparse
 import contextlib
@@ -10,6 +18,8 @@ import inspect
 import json
 import os
 import sys
+import traceback
+import zlib
 from pathlib import Path
 
 COMMANDS = {}   # name -> (function, help line, argument declarer, epilog)
@@ -105,6 +115,14 @@ def _common_training_arguments(parser, defaults):
     output.add_argument("--out", metavar="DIR", type=Path, default=defaults["out"],
                         help="output directory (default %(default)s)")
     output.add_argument("--quiet", action="store_true", help="no progress bar")
+    scale_out = parser.add_argument_group("scale-out")
+    scale_out.add_argument(
+        "--distributed", action="store_true",
+        help="data-parallel training over MPI: run as 'mpiexec -n K %(prog)s --distributed "
+             "...'. --batch-size is the global batch; each rank trains on its rows of it "
+             "(BatchNorm statistics synchronized, gradients summed over the ranks), which "
+             "gives the single-process result up to float rounding. Rank 0 prints and writes "
+             "OUT. --threads applies per rank. Needs mpi4py: pip install \"fastbn[mpi]\"")
 
 
 @contextlib.contextmanager
@@ -136,6 +154,164 @@ def _load_data(args):
         raise SystemExit(f"fastbn: error: {err}")
 
 
+# ----------------------------------------------------------------------------------------------
+# --distributed: data parallel over MPI
+
+_MISSING_MPI = ('fastbn: error: --distributed needs mpi4py and an MPI library; install them '
+                'with pip install "fastbn[mpi]" (mpi4py and the mpich wheel, which provides '
+                'mpiexec), then run: mpiexec -n K fastbn {command} --distributed ...')
+
+#: Options that must be the same on every rank: they decide the model, the batches and how many
+#: collective steps each rank takes (a rank with fewer steps would leave the others waiting).
+#: Per-rank choices (--threads, --backend, --data, --out, --quiet) may differ.
+_SHARED_OPTIONS = ("dataset", "steps", "batch_size", "lr", "init_std", "seed", "eval_every",
+                   "target", "multipliers")
+
+#: Environment variables through which MPI launchers give a process the job's size and its rank
+#: (MPICH's hydra and PMI-based launchers, Open MPI, MVAPICH).
+_LAUNCHER_SIZE = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+_LAUNCHER_RANK = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK")
+
+
+def _launcher_value(names):
+    for name in names:
+        try:
+            return int(os.environ[name])
+        except (KeyError, ValueError):
+            continue
+    return None
+
+
+def _world(command):
+    """MPI's COMM_WORLD, or a clear exit when mpi4py is missing."""
+    try:
+        from mpi4py import MPI
+    except ImportError:
+        raise SystemExit(_MISSING_MPI.format(command=command)) from None
+    return MPI.COMM_WORLD
+
+
+def _is_writer(args):
+    """Only rank 0 prints and writes files."""
+    return args.comm is None or args.comm.Get_rank() == 0
+
+
+def _data_fingerprint(dataset):
+    """CRC-32 of the images and labels: ranks that found different data would mix them."""
+    import numpy as np
+    crc = 0
+    for array in (dataset.train_images, dataset.train_labels, dataset.test_images,
+                  dataset.test_labels):
+        crc = zlib.crc32(np.ascontiguousarray(array), crc)
+    return crc
+
+
+def _setup(args):
+    """Load the data and create the output directory (rank 0); returns the dataset.
+
+    With --distributed this is collective. Every rank loads the data (rank 0 first when
+    --download may fetch it into the cache). Then the ranks check that they hold the same
+    data and the same training options. A failure on any rank raises the same
+    DistributedError on every rank, naming the rank, before any training step."""
+    if args.comm is None:
+        dataset = _load_data(args)
+        args.out.mkdir(parents=True, exist_ok=True)
+        return dataset
+    from fastbn import distributed
+    from fastbn.data import load_dataset
+    comm, op_name = args.comm, f"fastbn {args.command} --distributed"
+    rank = comm.Get_rank()
+
+    def load():
+        return load_dataset(args.dataset, args.data, download=args.download)
+
+    dataset = error = None
+    if args.download:   # one process downloads into the cache, the others then find it there
+        if rank == 0:
+            try:
+                dataset = load()
+            except Exception as exc:
+                error = exc
+        distributed._agree(comm, op_name, error, (), 0)
+    fields = ()
+    try:
+        if dataset is None:
+            dataset = load()
+        if rank == 0:
+            args.out.mkdir(parents=True, exist_ok=True)
+        fields = (_data_fingerprint(dataset),)
+    except Exception as exc:
+        error = exc
+    table = distributed._agree(comm, op_name, error, fields, 1)
+    distributed._same_on_every_rank(table, op_name,
+                                    (0, "data sets (CRC-32 of images and labels)",
+                                     lambda v: f"{int(v):08x}"))
+    options = {name: getattr(args, name) for name in _SHARED_OPTIONS if hasattr(args, name)}
+    per_rank = comm.allgather(options)
+    for name in options:
+        values = [o[name] for o in per_rank]
+        if any(v != values[0] for v in values):
+            shown = ", ".join(f"rank {r}: {v}" for r, v in enumerate(values))
+            raise distributed.DistributedError(
+                f"{op_name}: --{name.replace('_', '-')} differs across ranks ({shown}); every "
+                f"rank must be given the same training options")
+    return dataset
+
+
+def _describe_parallel(args):
+    from fastbn.nn.paper import _parallel_config
+    split = _parallel_config(args.batch_size, args.comm)
+    return (f"data parallel: {split['ranks']} MPI rank{'s' if split['ranks'] > 1 else ''}, rows "
+            f"per rank of each batch of {args.batch_size}: "
+            f"{'/'.join(str(r) for r in split['rows_per_rank'])}")
+
+
+def _abort(comm, command, exc):
+    """This rank failed on its own: print why, naming the rank, and end the whole job (the
+    other ranks would wait for it forever in their next collective)."""
+    rank, size = comm.Get_rank(), comm.Get_size()
+    if isinstance(exc, KeyboardInterrupt):
+        what = "interrupted"
+    else:
+        what = f"{type(exc).__name__}: {exc}"
+        sys.stderr.write("".join(traceback.format_exception(type(exc), exc,
+                                                            exc.__traceback__)))
+    sys.stderr.write(f"fastbn {command}: rank {rank} of {size}: {what}\n"
+                     f"fastbn: aborting the MPI job (the other ranks would otherwise wait for "
+                     f"rank {rank} forever)\n")
+    sys.stderr.flush()
+    comm.Abort(1)
+    os._exit(1)   # Abort does not return; should a broken MPI let it, still stop here
+
+
+def _run_distributed(args):
+    args.comm = _world(args.command)
+    from fastbn.distributed import DistributedError
+    try:
+        return args.run(args)
+    except DistributedError as err:
+        # raised alike on every rank (fastbn.distributed's agreement): all exit, none waits
+        if args.comm.Get_rank() == 0:
+            print(f"fastbn: error: {err}", file=sys.stderr)
+        return 1
+    except (Exception, KeyboardInterrupt, SystemExit) as exc:
+        _abort(args.comm, args.command, exc)
+
+
+def _refuse_launch_without_distributed(args):
+    """``mpiexec -n K fastbn paper`` without --distributed would train K independent copies
+    that all write the same files."""
+    size = _launcher_value(_LAUNCHER_SIZE)
+    if size is None or size <= 1:
+        return None
+    if (_launcher_value(_LAUNCHER_RANK) or 0) == 0:
+        print(f"fastbn: error: started as one of {size} MPI processes but without "
+              f"--distributed: each would train alone on every batch and write the same "
+              f"files; add --distributed (mpiexec -n {size} fastbn {args.command} "
+              f"--distributed ...)", file=sys.stderr)
+    return 2
+
+
 def _write_json(path, data):
     tmp = path.with_name(path.name + ".part")
     tmp.write_text(json.dumps(data, indent=1) + "\n")
@@ -160,14 +336,19 @@ def paper(args):
     before each hidden sigmoid (same learning rate, initial weights and batch order), and write
     OUT/metrics.json and the PNGs of Figure 1 (a), (b), (c)."""
     from fastbn.nn.paper import plot_figure1, run_paper, summary_table
-    dataset = _load_data(args)
-    args.out.mkdir(parents=True, exist_ok=True)
-    print(_describe_data(dataset), file=sys.stderr)
+    dataset = _setup(args)
+    writer = _is_writer(args)
+    if writer:
+        print(_describe_data(dataset), file=sys.stderr)
+        if args.comm is not None:
+            print(_describe_parallel(args), file=sys.stderr)
     with _limited_threads(args.threads):
         metrics = run_paper(dataset, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                             init_std=args.init_std, seed=args.seed,
                             eval_every=args.eval_every, backend=args.backend,
-                            target=args.target, show_progress=not args.quiet)
+                            target=args.target, show_progress=not args.quiet, comm=args.comm)
+    if not writer:
+        return 0
     metrics["config"]["threads"] = args.threads
     metrics["figures"] = [Path(p).name for p in plot_figure1(metrics, args.out)]
     _write_json(args.out / "metrics.json", metrics)
@@ -191,14 +372,19 @@ def lr_sweep(args):
     report the steps to --target accuracy, the final accuracy, and which runs diverged
     (non-finite loss) or stalled. Writes OUT/lr_sweep.json and OUT/lr_sweep.png."""
     from fastbn.nn.paper import plot_lr_sweep, run_lr_sweep, sweep_table
-    dataset = _load_data(args)
-    args.out.mkdir(parents=True, exist_ok=True)
-    print(_describe_data(dataset), file=sys.stderr)
+    dataset = _setup(args)
+    writer = _is_writer(args)
+    if writer:
+        print(_describe_data(dataset), file=sys.stderr)
+        if args.comm is not None:
+            print(_describe_parallel(args), file=sys.stderr)
     with _limited_threads(args.threads):
         sweep = run_lr_sweep(dataset, multipliers=args.multipliers, steps=args.steps,
                              batch_size=args.batch_size, lr=args.lr, init_std=args.init_std,
                              seed=args.seed, eval_every=args.eval_every, backend=args.backend,
-                             target=args.target, show_progress=not args.quiet)
+                             target=args.target, show_progress=not args.quiet, comm=args.comm)
+    if not writer:
+        return 0
     sweep["config"]["threads"] = args.threads
     sweep["figures"] = [Path(plot_lr_sweep(sweep, args.out)).name]
     _write_json(args.out / "lr_sweep.json", sweep)
@@ -233,6 +419,13 @@ def main(argv=None):
         parser.print_help()
         return 2
     try:
+        if getattr(args, "distributed", False):
+            return _run_distributed(args)
+        args.comm = None
+        if hasattr(args, "distributed"):
+            refused = _refuse_launch_without_distributed(args)
+            if refused:
+                return refused
         return args.run(args)
     except KeyboardInterrupt:
         print("\nfastbn: interrupted", file=sys.stderr)

@@ -8,8 +8,6 @@ instead of blocking the suite. Skipped, with the reason, when mpi4py or mpiexec 
 import importlib.util
 import json
 import os
-import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -20,30 +18,12 @@ from hypothesis import given
 
 import fastbn
 from _cases import bn_cases, tolerance
+from _mpi import MPIEXEC, TIMEOUT_S, launch, needs_mpi
 from fastbn import distributed
 from fastbn.distributed import _shard_bounds
 
 HERE = Path(__file__).parent
 MPI_SCRIPTS = HERE / "mpi"
-TIMEOUT_S = 180
-
-
-def _find_mpiexec():
-    # the mpiexec of the running environment first (the pip mpich wheel puts it there)
-    beside = Path(sys.executable).parent / "mpiexec"
-    if beside.exists():
-        return str(beside)
-    return shutil.which("mpiexec")
-
-
-MPIEXEC = _find_mpiexec()
-_skip_reason = None
-if importlib.util.find_spec("mpi4py") is None:
-    _skip_reason = 'mpi4py is not installed (pip install "fastbn[mpi]")'
-elif MPIEXEC is None:
-    _skip_reason = ('no mpiexec next to the Python interpreter or on PATH '
-                    '(pip install "fastbn[mpi]")')
-needs_mpi = pytest.mark.skipif(_skip_reason is not None, reason=_skip_reason or "")
 
 
 def run_mpi(ranks, script, *args, abort_on_exception=True, env=None):
@@ -54,20 +34,8 @@ def run_mpi(ranks, script, *args, abort_on_exception=True, env=None):
     does not leave ranks waiting.
     """
     python = [sys.executable, "-m", "mpi4py"] if abort_on_exception else [sys.executable]
-    cmd = [MPIEXEC, "-n", str(ranks), *python, str(MPI_SCRIPTS / script), *args]
-    # one thread per rank: the ranks already oversubscribe small machines
-    env = dict(os.environ, NUMBA_NUM_THREADS="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
-               **(env or {}))
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=env, start_new_session=True)
-    try:
-        output, _ = proc.communicate(timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        output, _ = proc.communicate()
-        pytest.fail(f"{' '.join(cmd)} did not finish in {TIMEOUT_S} s (a rank is waiting "
-                    f"forever?); output:\n{output[-4000:]}")
-    return proc.returncode, output
+    return launch([MPIEXEC, "-n", str(ranks), *python, str(MPI_SCRIPTS / script), *args],
+                  env=env)
 
 
 @needs_mpi

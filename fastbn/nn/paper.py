@@ -10,6 +10,12 @@ batch of test images, also in eval mode.
 
 The learning-rate sweep trains both networks at multiples of the learning rate, to show that
 BN tolerates rates at which the baseline stalls or diverges.
+
+Both run data parallel over MPI with ``comm`` (``mpiexec -n K fastbn paper --distributed``):
+every rank builds the same networks, trains on its rows of every global batch (BatchNorm
+synchronized, gradients summed over the ranks) and evaluates its share of the test set, and
+every rank returns the same metrics, equal to a single process's up to the order of float
+additions.
 """
 import math
 import sys
@@ -36,7 +42,8 @@ def paper_network(batch_norm, *, init_std=DEFAULTS["init_std"], seed=0, hidden=H
                   dtype=np.float32, backend=None, comm=None):
     """784-100-100-100-10 sigmoid MLP; with ``batch_norm`` a BatchNorm before each hidden
     sigmoid (and no bias in the Linear before it: BN's beta takes that role). The same
-    ``seed`` gives both variants the same initial weights."""
+    ``seed`` gives both variants the same initial weights. ``comm``: the BatchNorm layers are
+    synchronized over this MPI communicator (data-parallel training)."""
     rng = np.random.default_rng(seed)
     layers, width = [], 784
     for size in hidden:
@@ -119,9 +126,11 @@ class Progress:
 
 
 def train_run(model, data, *, steps, lr, batch_size, seed, eval_steps, monitor_x=None,
-              unit=0, momentum=0.0, weight_decay=0.0, progress=None):
+              unit=0, momentum=0.0, weight_decay=0.0, progress=None, comm=None):
     """Train ``model`` and record the curves; stops at the first diverged loss (NaN, inf, or
-    above ``DIVERGENCE_LOSS``).
+    above ``DIVERGENCE_LOSS``). With an MPI communicator ``comm``, data parallel (see
+    :class:`Trainer`; the model's BatchNorm layers must be built with ``comm``); ``batch_size``
+    is the global batch.
 
     Returns a dict with ``steps``, ``test_accuracy``, ``test_loss``, ``train_loss`` (the mean
     mini-batch loss since the previous evaluation), ``sigmoid_input_percentiles``,
@@ -130,7 +139,7 @@ def train_run(model, data, *, steps, lr, batch_size, seed, eval_steps, monitor_x
     train_x, train_y, test_x, test_y = data
     optimizer = SGD(model.parameters(), lr, momentum=momentum, weight_decay=weight_decay)
     trainer = Trainer(model, optimizer, train_x, train_y, batch_size=batch_size,
-                      rng=np.random.default_rng([seed, 1]))
+                      rng=np.random.default_rng([seed, 1]), comm=comm)
     record = {"steps": [], "test_accuracy": [], "test_loss": [], "train_loss": [],
               "sigmoid_input_percentiles": {str(p): [] for p in PERCENTILES},
               "diverged_at_step": None}
@@ -145,12 +154,12 @@ def train_run(model, data, *, steps, lr, batch_size, seed, eval_steps, monitor_x
                 if progress is not None:
                     progress.update(progress.total, f"diverged at step {trainer.steps_done}")
                 break
-            accuracy, test_loss = evaluate(model, test_x, test_y)
+            accuracy, test_loss = evaluate(model, test_x, test_y, comm=comm)
             record["steps"].append(trainer.steps_done)
             record["test_accuracy"].append(accuracy)
             record["test_loss"].append(test_loss)
             record["train_loss"].append(float(np.mean(losses)))
-            if monitor_x is not None:
+            if monitor_x is not None:   # every rank holds the same model: no communication
                 values = sigmoid_inputs(model, monitor_x, unit)
                 for p, q in zip(PERCENTILES, np.percentile(values, PERCENTILES)):
                     record["sigmoid_input_percentiles"][str(p)].append(float(q))
@@ -164,14 +173,19 @@ def train_run(model, data, *, steps, lr, batch_size, seed, eval_steps, monitor_x
     return record
 
 
-def population_accuracy(model, data, batch_size):
+def population_accuracy(model, data, batch_size, comm=None):
     """Test accuracy after Algorithm 2: BN statistics recomputed over the whole training set
-    in mini-batches of ``batch_size`` (the last incomplete one left out)."""
+    in mini-batches of ``batch_size`` (the last incomplete one left out). With ``comm``, each
+    rank feeds its rows of every mini-batch to the synchronized BatchNorm layers."""
     train_x, _, test_x, test_y = data
-    batches = [train_x[i:i + batch_size]
+    start, stop = 0, batch_size
+    if comm is not None:
+        from fastbn import distributed
+        start, stop = distributed.shard(batch_size, comm)
+    batches = [train_x[i + start:i + stop]
                for i in range(0, len(train_x) - batch_size + 1, batch_size)]
     recompute_population_stats(model, batches)
-    return evaluate(model, test_x, test_y)[0]
+    return evaluate(model, test_x, test_y, comm=comm)[0]
 
 
 def monitor_batch(test_x, size, seed):
@@ -186,8 +200,12 @@ def run_paper(dataset, *, steps=DEFAULTS["steps"], batch_size=DEFAULTS["batch_si
               eval_every=None, backend=None, momentum=DEFAULTS["momentum"],
               weight_decay=DEFAULTS["weight_decay"], monitor_size=DEFAULTS["monitor_size"],
               unit=DEFAULTS["unit"], target=DEFAULTS["target"], show_progress=True,
-              stream=None):
-    """Train the baseline and the BN network; return the metrics (see ``fastbn paper``)."""
+              stream=None, comm=None):
+    """Train the baseline and the BN network; return the metrics (see ``fastbn paper``).
+
+    With an MPI communicator ``comm`` (collective: every rank passes the same dataset and
+    arguments), both networks are trained data parallel on the global batch ``batch_size``;
+    every rank returns the same metrics, and only rank 0 shows progress."""
     data = dataset.arrays()
     eval_steps = evaluation_steps(steps, eval_every)
     monitor_x = monitor_batch(data[2], monitor_size, seed)
@@ -197,21 +215,36 @@ def run_paper(dataset, *, steps=DEFAULTS["steps"], batch_size=DEFAULTS["batch_si
                   momentum=momentum, weight_decay=weight_decay, hidden=list(HIDDEN),
                   activation="sigmoid", dtype="float32", monitor_batch_size=len(monitor_x),
                   monitor_unit=unit, monitor_layer="last hidden (input to its sigmoid)",
-                  target_accuracy=target, bn_eval="running averages (momentum 0.1)")
+                  target_accuracy=target, bn_eval="running averages (momentum 0.1)",
+                  **_parallel_config(batch_size, comm))
+    show_progress = show_progress and (comm is None or comm.Get_rank() == 0)
     runs = {}
     for name in RUN_NAMES:
-        model = paper_network(name == "bn", init_std=init_std, seed=seed, backend=backend)
+        model = paper_network(name == "bn", init_std=init_std, seed=seed, backend=backend,
+                              comm=comm)
         progress = Progress(steps, name, stream=stream, enabled=show_progress)
         runs[name] = train_run(model, data, steps=steps, lr=lr, batch_size=batch_size,
                                seed=seed, eval_steps=eval_steps, monitor_x=monitor_x,
                                unit=unit, momentum=momentum, weight_decay=weight_decay,
-                               progress=progress)
+                               progress=progress, comm=comm)
         if name == "bn" and runs[name]["diverged_at_step"] is None:
             runs[name]["final_test_accuracy_population_stats"] = population_accuracy(
-                model, data, batch_size)
+                model, data, batch_size, comm)
     metrics = {"config": config, "dataset": dataset.describe(), "runs": runs}
     metrics["summary"] = summarize(runs, target)
     return metrics
+
+
+def _parallel_config(batch_size, comm):
+    """The config entries that say how the global batch was split (one process: 1 rank)."""
+    if comm is None:
+        return dict(ranks=1)
+    from fastbn.distributed import _shard_bounds
+    size = comm.Get_size()
+    rows = [stop - start for start, stop in (_shard_bounds(batch_size, rank, size)
+                                             for rank in range(size))]
+    return dict(ranks=size, rows_per_rank=rows,
+                data_parallel="MPI: synchronized BatchNorm, gradients summed over the ranks")
 
 
 def summarize(runs, target):
@@ -285,21 +318,23 @@ def run_lr_sweep(dataset, *, multipliers=SWEEP_DEFAULTS["multipliers"],
                  steps=SWEEP_DEFAULTS["steps"], batch_size=DEFAULTS["batch_size"],
                  lr=DEFAULTS["lr"], init_std=DEFAULTS["init_std"], seed=DEFAULTS["seed"],
                  eval_every=None, backend=None, target=DEFAULTS["target"], show_progress=True,
-                 stream=None):
+                 stream=None, comm=None):
     """Train both networks at ``lr * m`` for each multiplier m; divergence (a mini-batch loss
     that is NaN, infinite or above ``DIVERGENCE_LOSS``) ends that run and is recorded, not
-    raised."""
+    raised. ``comm``: data parallel over MPI, as in :func:`run_paper`."""
     data = dataset.arrays()
+    show_progress = show_progress and (comm is None or comm.Get_rank() == 0)
     eval_steps = evaluation_steps(steps, eval_every)
     results = []
     for multiplier in multipliers:
         for name in RUN_NAMES:
-            model = paper_network(name == "bn", init_std=init_std, seed=seed, backend=backend)
+            model = paper_network(name == "bn", init_std=init_std, seed=seed, backend=backend,
+                                  comm=comm)
             label = f"{name} x{multiplier:g}"
             progress = Progress(steps, label, stream=stream, enabled=show_progress)
             record = train_run(model, data, steps=steps, lr=lr * multiplier,
                                batch_size=batch_size, seed=seed, eval_steps=eval_steps,
-                               progress=progress)
+                               progress=progress, comm=comm)
             record.pop("sigmoid_input_percentiles")
             final = record["final_test_accuracy"]
             if record["diverged_at_step"] is not None:
@@ -315,7 +350,7 @@ def run_lr_sweep(dataset, *, multipliers=SWEEP_DEFAULTS["multipliers"],
                   init_std=init_std, seed=seed, backend=backend or "cpu",
                   target_accuracy=target, hidden=list(HIDDEN), activation="sigmoid",
                   divergence="a mini-batch loss that is NaN, infinite or above "
-                             f"{DIVERGENCE_LOSS:g}")
+                             f"{DIVERGENCE_LOSS:g}", **_parallel_config(batch_size, comm))
     return {"config": config, "dataset": dataset.describe(), "results": results}
 
 

@@ -1,9 +1,12 @@
 """The training loop, evaluation, and exact checkpoints.
 
-``train_step`` is the one place a data-parallel version hooks in: after backward and before the
-SGD update it calls ``grad_hook(parameters)``, where an MPI version all-reduces (averages) the
-gradients of every parameter whose ``grad_is_global`` is False. Synchronized BatchNorm layers
-already return global dgamma/dbeta, marked ``grad_is_global``, and must not be summed again.
+Data parallel over MPI (``comm``): every rank holds the whole data set and the same model, and
+draws the same global batch from a sampler in the same state; it trains on its rows of that
+batch (:func:`fastbn.distributed.shard`). Synchronized BatchNorm layers (``comm`` given) return
+the global dgamma/dbeta, marked ``grad_is_global``; between backward and the SGD update,
+``train_step`` sums every other gradient over the ranks, together with the loss, in one message.
+Every rank then takes the same update, so the ranks' models stay identical bit for bit and equal
+a single process on the whole batch up to the order of float additions.
 """
 import contextlib
 import json
@@ -11,6 +14,7 @@ import math
 import os
 import tempfile
 import warnings
+import zlib
 
 import numpy as np
 
@@ -73,17 +77,56 @@ def set_rng_state_json(rng, text):
     rng.bit_generator.state = state
 
 
-def train_step(model, optimizer, x, labels, *, loss_fn=None, grad_hook=None):
-    """One SGD step on one mini-batch; returns the mini-batch loss (before the update)."""
+def train_step(model, optimizer, x, labels, *, loss_fn=None, grad_hook=None, comm=None):
+    """One SGD step on one mini-batch; returns the mini-batch loss (before the update).
+
+    ``grad_hook(parameters)``, if given, runs after backward and before the update.
+
+    Data parallel: with an MPI communicator ``comm``, ``x`` and ``labels`` are this rank's rows
+    of the global batch, and ``loss_fn`` must divide by the global batch size
+    (``SoftmaxCrossEntropy(total_batch_size=global_batch_size)``). After backward, the gradient
+    of every parameter not marked ``grad_is_global`` and the loss are summed over the ranks in
+    one message (:func:`fastbn.distributed.allreduce_sum_`), before ``grad_hook`` and the
+    update: the step is that of the global batch, and the loss returned is the global batch's,
+    the same on every rank. Every rank of ``comm`` must call this collectively.
+    """
+    if comm is not None:
+        _check_data_parallel_step(loss_fn, grad_hook)
     loss_fn = SoftmaxCrossEntropy() if loss_fn is None else loss_fn
     model.train()
     optimizer.zero_grad()
     loss = loss_fn.forward(model.forward(x), labels)
     model.backward(loss_fn.backward())
+    if comm is not None:
+        loss = _sum_gradients_over_ranks(optimizer.params, comm, loss)
     if grad_hook is not None:
-        grad_hook(optimizer.params)   # data-parallel: all-reduce the local gradients here
+        grad_hook(optimizer.params)
     optimizer.step()
     return loss
+
+
+def _check_data_parallel_step(loss_fn, grad_hook):
+    if loss_fn is None or (isinstance(loss_fn, SoftmaxCrossEntropy)
+                           and loss_fn.total_batch_size is None):
+        raise ValueError("loss_fn: expected a loss divided by the global batch size in data-"
+                         "parallel training, such as SoftmaxCrossEntropy(total_batch_size="
+                         f"global_batch_size), got {loss_fn!r}")
+    if getattr(grad_hook, "sums_gradients_over_ranks", False):
+        raise ValueError("grad_hook: with comm the gradients are already summed over the "
+                         "ranks; allreduce_gradients() would sum them a second time")
+
+
+def _sum_gradients_over_ranks(params, comm, loss=None):
+    """Sum (in place) the gradients not marked ``grad_is_global`` and, if given, the loss over
+    the ranks of ``comm``, in one message; returns the summed loss."""
+    from fastbn import distributed   # mpi4py is loaded only when a comm is used
+    arrays = [p.grad for p in params if not p.grad_is_global]
+    if loss is not None:
+        total = np.array([loss], dtype=np.float64)
+        arrays.append(total)
+    if arrays:
+        distributed.allreduce_sum_(arrays, comm)
+    return None if loss is None else float(total[0])
 
 
 def allreduce_gradients(comm=None):
@@ -93,13 +136,12 @@ def allreduce_gradients(comm=None):
     parameter except those marked ``grad_is_global`` (synchronized BN's gamma and beta, whose
     gradients are global sums already). For the sum to be the gradient of the global batch's
     mean loss, each rank normalizes its loss by the global batch size:
-    ``SoftmaxCrossEntropy(total_batch_size=global_batch_size)``.
+    ``SoftmaxCrossEntropy(total_batch_size=global_batch_size)``. ``train_step(..., comm=comm)``
+    does the same and also sums the loss.
     """
     def hook(params):
-        from fastbn import distributed
-        local = [p.grad for p in params if not p.grad_is_global]
-        if local:
-            distributed.allreduce_sum_(local, comm)
+        _sum_gradients_over_ranks(params, comm)
+    hook.sums_gradients_over_ranks = True
     return hook
 
 
@@ -115,13 +157,30 @@ def predict(model, x, batch_size=2000):
             module.training = mode
 
 
-def evaluate(model, x, labels, batch_size=2000):
-    """(accuracy, mean cross-entropy) of ``model`` in eval mode."""
-    with np.errstate(all="ignore"):
-        logits = predict(model, x, batch_size)
-        loss = SoftmaxCrossEntropy().forward(logits, labels)
-    accuracy = float(np.mean(logits.argmax(axis=1) == labels))
-    return accuracy, loss
+def evaluate(model, x, labels, batch_size=2000, *, comm=None):
+    """(accuracy, mean cross-entropy) of ``model`` in eval mode.
+
+    With an MPI communicator ``comm`` (collective; every rank passes the whole ``x`` and the
+    same model), each rank evaluates its share of the rows and the ranks sum the number correct
+    and the summed loss: the same result on every rank, in 1/K of the time.
+    """
+    if comm is None:
+        with np.errstate(all="ignore"):
+            logits = predict(model, x, batch_size)
+            loss = SoftmaxCrossEntropy().forward(logits, labels)
+        accuracy = float(np.mean(logits.argmax(axis=1) == labels))
+        return accuracy, loss
+    from fastbn import distributed
+    start, stop = distributed.shard(len(x), comm)
+    totals = np.zeros(2)   # number correct (exact in float64), summed cross-entropy
+    if stop > start:
+        with np.errstate(all="ignore"):
+            logits = predict(model, x[start:stop], batch_size)
+            totals[1] = SoftmaxCrossEntropy(total_batch_size=1).forward(logits,
+                                                                        labels[start:stop])
+        totals[0] = np.count_nonzero(logits.argmax(axis=1) == labels[start:stop])
+    distributed.allreduce_sum_(totals, comm)
+    return float(totals[0] / len(x)), float(totals[1] / len(x))
 
 
 class Trainer:
@@ -131,27 +190,61 @@ class Trainer:
     ...                   rng=np.random.default_rng(0))        # doctest: +SKIP
     >>> loss = trainer.step()                                   # doctest: +SKIP
     >>> trainer.save("run.npz"); trainer.load("run.npz")        # doctest: +SKIP
+
+    Data parallel over MPI: pass ``comm`` on every rank, with the whole data set, the same
+    model (its BatchNorm layers built with the same ``comm``) and ``rng`` in the same state.
+    ``batch_size`` is then the *global* batch: the sampler draws it identically on every rank
+    and each rank trains on its rows (:func:`fastbn.distributed.shard`; uneven splits are
+    fine), with the loss divided by ``batch_size`` (the default ``loss_fn``) and the gradients
+    summed over the ranks (``train_step(..., comm=comm)``). ``step`` returns the global batch's
+    loss on every rank. The constructor checks, collectively, that the ranks agree on the data
+    size, the batch size and the sampler's state; ``save`` writes from rank 0 only and ``load``
+    reads on rank 0 and broadcasts.
     """
 
     def __init__(self, model, optimizer, x, labels, *, batch_size, rng, loss_fn=None,
-                 grad_hook=None):
+                 grad_hook=None, comm=None):
         self.model, self.optimizer = model, optimizer
         self.x, self.labels = x, labels
-        self.sampler = BatchSampler(len(x), batch_size, rng)
-        self.loss_fn = SoftmaxCrossEntropy() if loss_fn is None else loss_fn
         self.grad_hook = grad_hook
+        self.comm = comm
         self.steps_done = 0
+        self.rows = slice(None)
+        if comm is None:
+            self.sampler = BatchSampler(len(x), batch_size, rng)
+            self.loss_fn = SoftmaxCrossEntropy() if loss_fn is None else loss_fn
+            return
+        from fastbn import distributed
+        error, fields = None, ()
+        try:
+            self.sampler = BatchSampler(len(x), batch_size, rng)
+            self.loss_fn = (SoftmaxCrossEntropy(total_batch_size=batch_size) if loss_fn is None
+                            else loss_fn)
+            _check_data_parallel_step(self.loss_fn, grad_hook)
+            _check_synchronized(model)
+            start, stop = distributed.shard(batch_size, comm)
+            self.rows = slice(start, stop)
+            fields = (len(x), batch_size, zlib.crc32(rng_state_json(rng).encode()))
+        except Exception as exc:
+            error = exc
+        # collective: an error on one rank is raised on every rank, naming it
+        table = distributed._agree(comm, "Trainer", error, fields, 3)
+        distributed._same_on_every_rank(
+            table, "Trainer", (0, "training set sizes", int), (1, "batch sizes", int),
+            (2, "random generator states (the global batches must be drawn alike)",
+             lambda v: f"CRC-32 {int(v):08x}"))
 
     def step(self):
-        index = self.sampler.next()
+        index = self.sampler.next()[self.rows]   # this rank's rows of the global batch
         loss = train_step(self.model, self.optimizer, self.x[index], self.labels[index],
-                          loss_fn=self.loss_fn, grad_hook=self.grad_hook)
+                          loss_fn=self.loss_fn, grad_hook=self.grad_hook, comm=self.comm)
         self.steps_done += 1
         return loss
 
     def run(self, steps, *, stop_on_divergence=True):
         """Take ``steps`` steps; returns the losses. A diverged loss (see :func:`diverged`)
-        stops the run early when ``stop_on_divergence``: such a run does not recover."""
+        stops the run early when ``stop_on_divergence``: such a run does not recover. (Data
+        parallel: the loss is the global batch's, so every rank stops at the same step.)"""
         losses = []
         for _ in range(steps):
             loss = self.step()
@@ -161,13 +254,52 @@ class Trainer:
         return losses
 
     def save(self, path, extra=None):
-        save_checkpoint(path, self.model, self.optimizer, sampler=self.sampler,
-                        step=self.steps_done, extra=extra)
+        """Write a checkpoint (see :func:`save_checkpoint`). Data parallel: rank 0 writes it
+        (every rank holds the same state) and an error there is raised on every rank."""
+        if self.comm is None:
+            save_checkpoint(path, self.model, self.optimizer, sampler=self.sampler,
+                            step=self.steps_done, extra=extra)
+            return
+        from fastbn import distributed
+        error = None
+        if self.comm.Get_rank() == 0:
+            try:
+                save_checkpoint(path, self.model, self.optimizer, sampler=self.sampler,
+                                step=self.steps_done, extra=extra)
+            except Exception as exc:
+                error = exc
+        distributed._agree(self.comm, "Trainer.save", error, (), 0)
 
     def load(self, path):
-        meta = load_checkpoint(path, self.model, self.optimizer, sampler=self.sampler)
+        """Restore a checkpoint; returns its ``{"step", "extra"}``. Data parallel: rank 0
+        reads the file (only it needs to see ``path``) and broadcasts its contents."""
+        if self.comm is None:
+            arrays = _read_checkpoint(path)
+        else:
+            from fastbn import distributed
+            arrays, error = None, None
+            if self.comm.Get_rank() == 0:
+                try:
+                    arrays = _read_checkpoint(path)
+                except Exception as exc:
+                    error = exc
+            distributed._agree(self.comm, "Trainer.load", error, (), 0)
+            arrays = self.comm.bcast(arrays, root=0)
+        meta = _restore_checkpoint(arrays, self.model, self.optimizer, sampler=self.sampler)
         self.steps_done = meta["step"]
         return meta
+
+
+def _check_synchronized(model):
+    """Data parallel needs every BatchNorm synchronized: with local statistics each rank would
+    normalize its shard alone, and K ranks would no longer train the single-process model."""
+    from .layers import BatchNorm
+    local = [name or "model" for name, module in model.named_modules()
+             if isinstance(module, BatchNorm) and module.comm is None]
+    if local:
+        raise ValueError(f"model: expected every BatchNorm to be synchronized in data-parallel "
+                         f"training (BatchNorm(..., comm=comm)), got comm=None in "
+                         f"{', '.join(n.rstrip('.') for n in local)}")
 
 
 def save_checkpoint(path, model, optimizer=None, *, sampler=None, step=0, extra=None):
@@ -198,13 +330,21 @@ def save_checkpoint(path, model, optimizer=None, *, sampler=None, step=0, extra=
 
 def load_checkpoint(path, model, optimizer=None, *, sampler=None):
     """Restore what :func:`save_checkpoint` wrote; returns ``{"step": int, "extra": dict}``."""
+    return _restore_checkpoint(_read_checkpoint(path), model, optimizer, sampler=sampler)
+
+
+def _read_checkpoint(path):
+    """A checkpoint's arrays by name, its format checked."""
     with np.load(os.fspath(path), allow_pickle=False) as data:
         arrays = {k: data[k] for k in data.files}
     version = int(arrays.get("meta.format", -1))
     if version != CHECKPOINT_FORMAT:
         raise ValueError(f"{path}: expected a fastbn checkpoint of format {CHECKPOINT_FORMAT}, "
                          f"got format {version}")
+    return arrays
 
+
+def _restore_checkpoint(arrays, model, optimizer=None, *, sampler=None):
     def part(prefix):
         return {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
 
