@@ -25,11 +25,20 @@ CPU_MIN_TASKS = 16
 
 # Row blocks per call, at most, when a matrix (channels-last) is split by rows: each keeps a
 # partial sum per column and statistic.
-CPU_MAX_TASKS = 64
+CPU_MAX_TASKS = 32
 
-# Channel runs shorter than this (inner < CPU_MIN_RUN, e.g. NCHW 7x7) are computed as a
-# (outer, C * inner) matrix, whose column loops are long enough to vectorize.
-CPU_MIN_RUN = 128
+# Channel runs are read in pieces of this many values, each preceded by a software prefetch of
+# the same piece of the next run (the loads run one run ahead; docs/perf_log.md).
+CPU_PIECE = 512
+
+# Channel runs shorter than this (inner < CPU_MIN_RUN, e.g. NCHW 7x7) are computed as column
+# blocks of an (outer, C * inner) matrix, whose loops are longer than one run.
+CPU_MIN_RUN = 512
+
+# Channels-last rows shorter than this many values are grouped, several to a matrix row, so
+# that the column loops are long enough to vectorize (a loop's setup costs about as much as a
+# few dozen elements).
+CPU_ROW_ELEMENTS = 1024
 
 # A task fuses statistics and normalization (or gradient sums and dx) over a block of whole
 # channels when the block's inputs, over all rows, fit in this many bytes (about half of a

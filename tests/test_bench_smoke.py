@@ -1,0 +1,71 @@
+"""Smoke run of every benchmark (CI): each implementation in benchmarks/registry.py is validated
+against the NumPy reference and timed once on tiny cases of every layout and dtype, and the
+full-run machinery (JSON, tables, markers, thread scaling, compile time) runs end to end.
+
+The benchmarks themselves: ``python -m benchmarks.bench_cpu`` (docs/benchmarks.md).
+"""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:        # benchmarks/ is not installed; import it from the checkout
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks import bench_cpu, compile_time, registry  # noqa: E402
+from benchmarks.cases import OPERATIONS, SMOKE_CASES  # noqa: E402
+
+IMPLEMENTATIONS, SKIPPED = registry.available()
+
+
+@pytest.mark.parametrize("case", SMOKE_CASES, ids=lambda c: c.label.replace(" ", "-"))
+def test_every_implementation_is_valid_and_timed(case):
+    rows = bench_cpu.run_case(case, IMPLEMENTATIONS, rounds=1, slow_rounds=1)
+    assert [r["op"] for r in rows] == list(OPERATIONS)
+    for row in rows:
+        assert row["invalid"] == [], f"{row['op']}: {row['validation_error']}"
+        assert set(row["timings"]) == set(IMPLEMENTATIONS)
+        assert all(t["median_s"] > 0 for t in row["timings"].values())
+        assert row["x_copy"] > 0 and row["gbps"] > 0
+
+
+def test_torch_is_compared_when_installed():
+    pytest.importorskip("torch")
+    assert "torch" in IMPLEMENTATIONS
+
+
+def _docs(tmp_path, markers=True):
+    docs, readme = tmp_path / "benchmarks.md", tmp_path / "README.md"
+    names = ("bench:cpu", "bench:cpu-threads", "bench:cpu-compile") if markers else ()
+    docs.write_text("# b\n" + "".join(f"<!-- {m}:start -->\nold\n<!-- {m}:end -->\n"
+                                      for m in names))
+    readme.write_text("# r\n<!-- bench:cpu:start -->\nold\n<!-- bench:cpu:end -->\ntail\n")
+    return docs, readme
+
+
+def test_full_run_writes_json_and_tables(tmp_path):
+    docs, readme = _docs(tmp_path)
+    out = tmp_path / "cpu.json"
+    bench_cpu.main(["--smoke", "--cases", "NC float32", "--no-compile", "--out", str(out),
+                    "--docs", str(docs), "--readme", str(readme)])
+    result = json.loads(out.read_text())
+    assert result["machine"]["numba"] and result["results"]
+    assert {r["threads"] for r in result["thread_scaling"]} >= {1}
+    text = readme.read_text()
+    assert "13×7 NC float32" in text and "old" not in text and text.endswith("tail\n")
+    assert "× copy" in docs.read_text() and "old" not in docs.read_text().split("cpu-compile")[0]
+
+
+def test_missing_markers_fail_before_measuring(tmp_path):
+    docs, readme = _docs(tmp_path, markers=False)
+    with pytest.raises(SystemExit, match="bench:cpu:start"):
+        bench_cpu.main(["--smoke", "--no-compile", "--docs", str(docs), "--readme", str(readme)])
+
+
+def test_compile_time_child_reports_first_calls():
+    result = compile_time.child("warmup")          # this checkout's Numba cache
+    assert result["warmup_s"] > 0
+    for label in ("NCHW parallel", "NHWC parallel", "NC serial"):
+        assert set(result[label]) == set(OPERATIONS)
