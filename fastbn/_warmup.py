@@ -3,26 +3,36 @@ import time
 
 import numpy as np
 
+# One small problem per path of the cpu backend (docs/perf_log.md), C-contiguous, channel axis 1:
+# below CPU_PARALLEL_MIN_SIZE the serial kernels run, above it the parallel ones.
+_SERIAL = ((7, 5), (3, 5, 7), (3, 5, 600), (100, 1))
+_PARALLEL = ((400, 100), (6554, 5), (40, 40, 49), (6, 20, 600), (2, 3, 20000), (40000, 1))
 
-def warmup(backend="cpu", dtypes=("float32", "float64")):
-    """Compile every kernel of ``backend`` for the given dtypes, serial and parallel variants,
-    in both memory regimes. Returns the seconds it took. From a warm Numba cache this only
-    loads the compiled code."""
+
+def warmup(backend="cpu", dtypes=("float16", "float32", "float64")):
+    """Compile every kernel of ``backend`` that C-contiguous (and NHWC) arrays of the given dtypes
+    use, serial and parallel variants, training and eval, forward and backward. Returns the
+    seconds it took. From a warm Numba cache this only loads the compiled code.
+
+    Other memory layouts (Fortran order, strided views) compile their own variants on first
+    use."""
     from . import _config
     from .api import batch_norm_backward, batch_norm_forward, moments
     start = time.perf_counter()
     rng = np.random.default_rng(0)
-    big = _config.CPU_PARALLEL_MIN_SIZE
+    shapes = _SERIAL + tuple(s for s in _PARALLEL if np.prod(s) >= _config.CPU_PARALLEL_MIN_SIZE)
     for dtype in dtypes:
-        for shape, axis in (((3, 5, 7), 1), ((7, 5), 1), ((2, 5, big // 10 + 1), 1),
-                            ((big // 5 + 1, 5), 1)):
-            x = rng.standard_normal(shape).astype(dtype)
-            gamma = np.ones(5)
-            y, mean, invstd = batch_norm_forward(x, gamma, gamma, axis=axis, backend=backend)
-            batch_norm_forward(x, gamma, gamma, axis=axis, training=False,
-                               running_mean=np.zeros(5), running_var=np.ones(5), backend=backend)
-            batch_norm_backward(y, x, mean, invstd, gamma, axis=axis, backend=backend)
-            batch_norm_backward(y, x, mean, invstd, gamma, axis=axis, training=False,
-                                backend=backend)
-            moments(x, axis=axis, backend=backend)
+        for shape in shapes:
+            x = (rng.standard_normal(shape) + 1.0).astype(dtype)
+            channels = shape[1]
+            gamma = np.ones(channels)
+            stats = np.float64 if dtype == "float64" else np.float32
+            running_mean, running_var = np.zeros(channels, stats), np.ones(channels, stats)
+            y, mean, invstd = batch_norm_forward(x, gamma, gamma, running_mean=running_mean,
+                                                 running_var=running_var, backend=backend)
+            batch_norm_forward(x, gamma, gamma, training=False, running_mean=running_mean,
+                               running_var=running_var, backend=backend)
+            batch_norm_backward(y, x, mean, invstd, gamma, backend=backend)
+            batch_norm_backward(y, x, mean, invstd, gamma, training=False, backend=backend)
+            moments(x, backend=backend)
     return time.perf_counter() - start
