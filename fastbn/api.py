@@ -121,6 +121,28 @@ def _split_out(out, names):
     return tuple(out)
 
 
+def _check_backward_inputs(be, dy, x, mean, invstd, gamma, axis):
+    """The backward's input checks (shared with fastbn.distributed); returns them converted."""
+    x = be.asarray(x, "x")
+    _check_data(x)
+    dy = be.asarray(dy, "dy")
+    if tuple(dy.shape) != tuple(x.shape):
+        raise ValueError(f"dy: expected x's shape {tuple(x.shape)}, got {tuple(dy.shape)}")
+    if dy.dtype != x.dtype:
+        raise TypeError(f"dy: expected x's dtype {x.dtype}, got {dy.dtype}")
+    axis = normalize_axis(axis, x.ndim, x.shape)
+    channels = x.shape[axis]
+    mean = _check_vector(be, mean, "mean", channels)
+    invstd = _check_vector(be, invstd, "invstd", channels)
+    if mean is None or invstd is None:
+        raise ValueError("mean, invstd: expected the (C,) arrays returned by "
+                         "batch_norm_forward, got None")
+    if mean.dtype != invstd.dtype:
+        raise TypeError(f"invstd: expected mean's dtype {mean.dtype}, got {invstd.dtype}")
+    gamma = _check_vector(be, gamma, "gamma", channels)
+    return dy, x, axis, mean, invstd, gamma
+
+
 # ----------------------------------------------------------------------------------------------
 # canonical views
 
@@ -262,23 +284,9 @@ def batch_norm_backward(dy, x, mean, invstd, gamma=None, *, axis=1, training=Tru
     """
     dx_out, dgamma_out, dbeta_out = _split_out(out, ("dx", "dgamma", "dbeta"))
     be = backends.resolve(backend, (dy, x, mean, invstd, gamma, dx_out, dgamma_out, dbeta_out))
-    x = be.asarray(x, "x")
-    _check_data(x)
-    dy = be.asarray(dy, "dy")
-    if tuple(dy.shape) != tuple(x.shape):
-        raise ValueError(f"dy: expected x's shape {tuple(x.shape)}, got {tuple(dy.shape)}")
-    if dy.dtype != x.dtype:
-        raise TypeError(f"dy: expected x's dtype {x.dtype}, got {dy.dtype}")
-    axis = normalize_axis(axis, x.ndim, x.shape)
+    dy, x, axis, mean, invstd, gamma = _check_backward_inputs(be, dy, x, mean, invstd, gamma,
+                                                              axis)
     channels = x.shape[axis]
-    mean = _check_vector(be, mean, "mean", channels)
-    invstd = _check_vector(be, invstd, "invstd", channels)
-    if mean is None or invstd is None:
-        raise ValueError("mean, invstd: expected the (C,) arrays returned by "
-                         "batch_norm_forward, got None")
-    if mean.dtype != invstd.dtype:
-        raise TypeError(f"invstd: expected mean's dtype {mean.dtype}, got {invstd.dtype}")
-    gamma = _check_vector(be, gamma, "gamma", channels)
     dx_out = _check_out(be, dx_out, "out[0] (dx)", x.shape, x.dtype, inputs=(x, dy))
     dgamma_out = _check_out(be, dgamma_out, "out[1] (dgamma)", (channels,), mean.dtype)
     dbeta_out = _check_out(be, dbeta_out, "out[2] (dbeta)", (channels,), mean.dtype)

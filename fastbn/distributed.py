@@ -26,8 +26,9 @@ import numpy as np
 
 from . import backends
 from ._layout import normalize_axis
-from .api import (FLOAT_DTYPES, BatchNormGrads, BatchNormOutput, _Canonical, _check_data,
-                  _check_eps, _check_momentum, _check_vector, stats_dtype)
+from .api import (FLOAT_DTYPES, BatchNormGrads, BatchNormOutput, _Canonical,
+                  _check_backward_inputs, _check_data, _check_eps, _check_momentum, _check_vector,
+                  stats_dtype, values_per_channel)
 from .api import batch_norm_forward as _local_batch_norm_forward
 from .stats import RunningMoments, chan_merge
 
@@ -299,7 +300,7 @@ def batch_norm_forward(x, gamma=None, beta=None, *, comm=None, axis=1, eps=1e-5,
         _check_data(x)
         axis = normalize_axis(axis, x.ndim, x.shape)
         channels = x.shape[axis]
-        count = x.size // channels if channels else 0
+        count = values_per_channel(x.shape, axis)
         eps = _check_eps(eps)
         momentum = _check_momentum(momentum)
         gamma = _check_vector(be, gamma, "gamma", channels)
@@ -385,24 +386,10 @@ def batch_norm_backward(dy, x, mean, invstd, gamma=None, *, comm=None, axis=1, b
     error, fields = None, ()
     try:
         be = backends.resolve(backend, (dy, x, mean, invstd, gamma))
-        x = be.asarray(x, "x")
-        _check_data(x)
-        dy = be.asarray(dy, "dy")
-        if tuple(dy.shape) != tuple(x.shape):
-            raise ValueError(f"dy: expected x's shape {tuple(x.shape)}, got {tuple(dy.shape)}")
-        if dy.dtype != x.dtype:
-            raise TypeError(f"dy: expected x's dtype {x.dtype}, got {dy.dtype}")
-        axis = normalize_axis(axis, x.ndim, x.shape)
+        dy, x, axis, mean, invstd, gamma = _check_backward_inputs(be, dy, x, mean, invstd,
+                                                                  gamma, axis)
         channels = x.shape[axis]
-        count = x.size // channels if channels else 0
-        mean = _check_vector(be, mean, "mean", channels)
-        invstd = _check_vector(be, invstd, "invstd", channels)
-        if mean is None or invstd is None:
-            raise ValueError("mean, invstd: expected the (C,) arrays returned by "
-                             "batch_norm_forward, got None")
-        if mean.dtype != invstd.dtype:
-            raise TypeError(f"invstd: expected mean's dtype {mean.dtype}, got {invstd.dtype}")
-        gamma = _check_vector(be, gamma, "gamma", channels)
+        count = values_per_channel(x.shape, axis)
         mean64 = be.to_float64(mean)
         sums = np.zeros((3, channels))
         if count > 0:
