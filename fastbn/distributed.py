@@ -515,7 +515,7 @@ def _scratch(size):
     return buffer[:size]
 
 
-def _shard_bounds(global_batch_size, rank, size):
+def shard_bounds(global_batch_size, rank, size):
     """Rows [start, stop) of ``rank``: contiguous, sizes differ by at most one."""
     base, extra = divmod(global_batch_size, size)
     start = rank * base + min(rank, extra)
@@ -534,4 +534,4 @@ def shard(global_batch_size, comm=None):
         raise ValueError(f"global_batch_size: expected a non-negative integer, got "
                          f"{global_batch_size!r}")
     comm = _resolve_comm(comm)
-    return _shard_bounds(int(global_batch_size), comm.Get_rank(), comm.Get_size())
+    return shard_bounds(int(global_batch_size), comm.Get_rank(), comm.Get_size())

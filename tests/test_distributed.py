@@ -20,7 +20,7 @@ import fastbn
 from _cases import bn_cases, tolerance
 from _mpi import MPIEXEC, TIMEOUT_S, launch, needs_mpi
 from fastbn import distributed
-from fastbn.distributed import _shard_bounds
+from fastbn.distributed import shard_bounds
 
 HERE = Path(__file__).parent
 MPI_SCRIPTS = HERE / "mpi"
@@ -224,7 +224,7 @@ def test_missing_mpi4py_says_how_to_install():
 @pytest.mark.parametrize("batch", [0, 1, 2, 7, 60, 61])
 @pytest.mark.parametrize("size", [1, 2, 3, 7])
 def test_shard_bounds_tile_the_batch(batch, size):
-    bounds = [_shard_bounds(batch, rank, size) for rank in range(size)]
+    bounds = [shard_bounds(batch, rank, size) for rank in range(size)]
     assert bounds[0][0] == 0 and bounds[-1][1] == batch
     assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
     lengths = [stop - start for start, stop in bounds]

@@ -239,9 +239,9 @@ def _parallel_config(batch_size, comm):
     """The config entries that say how the global batch was split (one process: 1 rank)."""
     if comm is None:
         return dict(ranks=1)
-    from fastbn.distributed import _shard_bounds
+    from fastbn.distributed import shard_bounds
     size = comm.Get_size()
-    rows = [stop - start for start, stop in (_shard_bounds(batch_size, rank, size)
+    rows = [stop - start for start, stop in (shard_bounds(batch_size, rank, size)
                                              for rank in range(size))]
     return dict(ranks=size, rows_per_rank=rows,
                 data_parallel="MPI: synchronized BatchNorm, gradients summed over the ranks")
