@@ -2,11 +2,19 @@
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
+from ._memory import is_device_array
+
 ON_DEVICE = False
 
 
+def owns(a):
+    """Host backends own everything that is not device memory (NumPy arrays, lists, ...)."""
+    return not is_device_array(a)
+
+
 def asarray(a, name):
-    from . import is_device_array
+    if type(a) is np.ndarray:
+        return a
     if is_device_array(a):
         raise TypeError(f"{name}: got a CUDA device array, but this backend works on host (NumPy) "
                         f"arrays; use backend='cuda' for device arrays")
@@ -27,48 +35,12 @@ def is_writeable(a):
 
 
 def view3(a, shape3, strides3):
+    if a.flags.c_contiguous:
+        # a C-contiguous array's canonical view is its C-order reshape (cheaper than as_strided)
+        view = a.reshape(shape3)
+        if all(s == t or n <= 1 for s, t, n in zip(view.strides, strides3, shape3)):
+            return view
     return as_strided(a, shape=shape3, strides=strides3)
-
-
-def copy_contiguous(a):
-    return np.ascontiguousarray(a)
-
-
-def copyto(dst, src):
-    np.copyto(dst, src, casting="unsafe")
-
-
-def to_float64(a):
-    return np.ascontiguousarray(a, dtype=np.float64)
-
-
-def to_host(a):
-    return a
-
-
-def may_share_memory(a, b):
-    return np.may_share_memory(a, b)
-
-
-def update_running_stats(running_mean, running_var, mean, var, count, momentum, eps):
-    """r = (1-momentum) r + momentum * batch, with the unbiased variance; returns the channels
-    left unchanged because their batch statistics are not finite."""
-    finite = np.isfinite(mean) & np.isfinite(var)
-    unbiased = var * (count / (count - 1))
-    new_mean = (1.0 - momentum) * running_mean.astype(np.float64) + momentum * mean
-    new_var = (1.0 - momentum) * running_var.astype(np.float64) + momentum * unbiased
-    np.copyto(running_mean, new_mean, casting="unsafe", where=finite)
-    np.copyto(running_var, new_var, casting="unsafe", where=finite)
-    return np.flatnonzero(~finite)
-
-
-def invstd_from_var(var, eps):
-    return 1.0 / np.sqrt(var + eps)
-
-
-def var_from_m2(m2, count):
-    """Biased variance from the sum of squared deviations."""
-    return m2 / count
 
 
 def gather3(a, perm, shape3):
@@ -80,3 +52,22 @@ def scatter3(dst, src3, perm):
     """Write a contiguous (outer, C, inner) result back into dst (the inverse of gather3)."""
     view = dst.transpose(perm)
     view[...] = src3.reshape(view.shape)
+
+
+def byte_bounds(a):
+    """(low, high) addresses that a may touch (high exclusive)."""
+    low, high = np.lib.array_utils.byte_bounds(a)
+    return low, high
+
+
+def shares_memory(a, b):
+    """Whether a and b overlap: bounds first (cheap), then NumPy's exact test."""
+    return bool(np.may_share_memory(a, b)) and bool(np.shares_memory(a, b, max_work=10**6))
+
+
+def to_host(a):
+    return a
+
+
+def to_device(a):
+    return a
