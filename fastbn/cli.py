@@ -259,8 +259,8 @@ def _setup(args):
 
 
 def _describe_parallel(args):
-    from fastbn.nn.paper import _parallel_config
-    split = _parallel_config(args.batch_size, args.comm)
+    from fastbn.nn.paper import parallel_config
+    split = parallel_config(args.batch_size, args.comm)
     return (f"data parallel: {split['ranks']} MPI rank{'s' if split['ranks'] > 1 else ''}, rows "
             f"per rank of each batch of {args.batch_size}: "
             f"{'/'.join(str(r) for r in split['rows_per_rank'])}")

@@ -216,7 +216,7 @@ def run_paper(dataset, *, steps=DEFAULTS["steps"], batch_size=DEFAULTS["batch_si
                   activation="sigmoid", dtype="float32", monitor_batch_size=len(monitor_x),
                   monitor_unit=unit, monitor_layer="last hidden (input to its sigmoid)",
                   target_accuracy=target, bn_eval="running averages (momentum 0.1)",
-                  **_parallel_config(batch_size, comm))
+                  **parallel_config(batch_size, comm))
     show_progress = show_progress and (comm is None or comm.Get_rank() == 0)
     runs = {}
     for name in RUN_NAMES:
@@ -235,7 +235,7 @@ def run_paper(dataset, *, steps=DEFAULTS["steps"], batch_size=DEFAULTS["batch_si
     return metrics
 
 
-def _parallel_config(batch_size, comm):
+def parallel_config(batch_size, comm):
     """The config entries that say how the global batch was split (one process: 1 rank)."""
     if comm is None:
         return dict(ranks=1)
@@ -350,7 +350,7 @@ def run_lr_sweep(dataset, *, multipliers=SWEEP_DEFAULTS["multipliers"],
                   init_std=init_std, seed=seed, backend=backend or "cpu",
                   target_accuracy=target, hidden=list(HIDDEN), activation="sigmoid",
                   divergence="a mini-batch loss that is NaN, infinite or above "
-                             f"{DIVERGENCE_LOSS:g}", **_parallel_config(batch_size, comm))
+                             f"{DIVERGENCE_LOSS:g}", **parallel_config(batch_size, comm))
     return {"config": config, "dataset": dataset.describe(), "results": results}
 
 

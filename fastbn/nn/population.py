@@ -28,7 +28,10 @@ class _BatchMomentsAverage:
                                                           backend=layer.backend)
         if layer.comm is not None:
             # synchronized BN normalizes with the global batch: average its statistics
-            batch.allreduce(layer.comm)
+            from fastbn.distributed import allreduce_moments   # loads mpi4py only with a comm
+            allreduce_moments(batch, layer.comm)
+        if batch.count == 0 and x.size:
+            return      # a non-finite batch: RunningMoments.update warned and skipped it
         if batch.count < 2:
             raise ValueError(f"batches: expected at least 2 values per channel in each batch, "
                              f"got {batch.count}")
