@@ -2,6 +2,7 @@
 statistics, Algorithm 2, SGD, exact checkpoint resume, and a small network that must learn."""
 import sys
 import types
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -208,6 +209,39 @@ def test_cumulative_average_is_the_mean_of_batch_statistics(rng):
         layer.forward(x)
     np.testing.assert_allclose(layer.running_mean, np.mean([x.mean(0) for x in batches], 0))
     np.testing.assert_allclose(layer.running_var, np.mean([x.var(0, ddof=1) for x in batches], 0))
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_batchnorm_does_not_count_rejected_batches(rng, momentum):
+    layer = nn.BatchNorm(3, momentum=momentum, dtype=F64)
+    for bad in (np.ones((4, 2)), np.ones((1, 3)), np.ones((4, 3), np.int32)):
+        with pytest.raises((ValueError, TypeError)):
+            layer.forward(bad)
+        assert layer.num_batches_tracked == 0
+    np.testing.assert_array_equal(layer.running_mean, np.zeros(3))
+
+
+def test_batchnorm_does_not_count_non_finite_batches(rng):
+    """momentum=None: the running statistics are the mean over the batches that updated them;
+    a non-finite batch is skipped (with the forward's warning) and must not count."""
+    layer = nn.BatchNorm(3, momentum=None, dtype=F64)
+    good = [rng.standard_normal((6, 3)) + k for k in range(2)]
+    layer.forward(good[0])
+    bad = good[0].copy()
+    bad[:, :] = np.nan
+    with pytest.warns(RuntimeWarning):
+        layer.forward(bad)
+    assert layer.num_batches_tracked == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(RuntimeWarning):
+            layer.forward(bad)
+    assert layer.num_batches_tracked == 1
+    layer.forward(good[1])
+    assert layer.num_batches_tracked == 2
+    np.testing.assert_allclose(layer.running_mean, np.mean([x.mean(0) for x in good], 0))
+    np.testing.assert_allclose(layer.running_var,
+                               np.mean([x.var(0, ddof=1) for x in good], 0))
 
 
 def test_batchnorm_eval_mode_uses_running_statistics(rng):

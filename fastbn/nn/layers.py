@@ -160,8 +160,12 @@ class BatchNorm(Module):
 
     Training mode normalizes with the batch statistics and updates ``running_mean`` /
     ``running_var`` in place (unbiased variance, PyTorch's convention); ``momentum=None``
-    makes them a cumulative average over all batches seen. Eval mode normalizes with the
-    running statistics. The arithmetic is fastbn's: :func:`fastbn.batch_norm_forward` and
+    makes them a cumulative average over the batches counted in ``num_batches_tracked``. A
+    batch is counted only once the forward accepted it and its statistics were finite in every
+    channel: a rejected input, or a batch with NaN/inf (whose running statistics the forward
+    leaves unchanged, with a RuntimeWarning), does not count. (In a batch that is non-finite in
+    only some channels, the finite channels are still updated, with the momentum of the
+    uncounted batch.) Eval mode normalizes with the running statistics. The arithmetic is fastbn's: :func:`fastbn.batch_norm_forward` and
     :func:`fastbn.batch_norm_backward` on ``backend``. With an MPI communicator ``comm``,
     training mode calls their synchronized versions in :mod:`fastbn.distributed` (statistics of
     the global batch; dgamma/dbeta come back summed over the ranks, so these parameters are
@@ -201,9 +205,10 @@ class BatchNorm(Module):
         gamma = None if self.weight is None else self.weight.data
         beta = None if self.bias is None else self.bias.data
         running = {}
-        if self.training and self._population is None:
-            self.num_batches_tracked += 1
-            momentum = 1.0 / self.num_batches_tracked if self.momentum is None else self.momentum
+        updates_running = self.training and self._population is None
+        if updates_running:
+            momentum = (1.0 / (self.num_batches_tracked + 1) if self.momentum is None
+                        else self.momentum)
             running = dict(running_mean=self.running_mean, running_var=self.running_var,
                            momentum=momentum)
         elif self.training:
@@ -218,6 +223,8 @@ class BatchNorm(Module):
         y, mean, invstd = forward(x, gamma, beta, axis=self.axis, eps=self.eps,
                                   training=self.training, backend=self.backend, **running, **sync)
         self._saved = (x, mean, invstd, self.training)
+        if updates_running and _all_finite(mean, invstd):
+            self.num_batches_tracked += 1   # only batches that updated the running stats
         return _to_host(y)
 
     def backward(self, dy):
@@ -235,6 +242,12 @@ class BatchNorm(Module):
             self.weight.grad += _to_host(dgamma)
             self.bias.grad += _to_host(dbeta)
         return _to_host(dx)
+
+
+def _all_finite(*arrays):
+    """True when every per-channel statistic is finite (a non-finite channel's running
+    statistics were left unchanged by the forward)."""
+    return all(np.isfinite(_to_host(a)).all() for a in arrays)
 
 
 def _to_host(array):
