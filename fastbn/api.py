@@ -1,22 +1,22 @@
-"""The public operations: validate -> canonical view -> allocate outputs -> dispatch.
+"""The public operations: validate -> canonical view -> allocate outputs -> one backend call.
 
-Validation happens here, once, before anything is written: on any error no output buffer and
-no running statistic has been touched. Kernels assume valid input.
+Validation (``_validate.py``) happens first, once: on any error no output buffer and no running
+statistic has been touched. Then each operation is a single call of the backend's operation of
+the same name (``backends/_contract.py``), which writes every output and updates the running
+statistics itself. Nothing per channel is computed here.
 """
-import math
 import warnings
 from typing import NamedTuple
 
 import numpy as np
 
-from . import backends
-from ._layout import Layout, normalize_axis
-
-FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+from . import _validate, backends
+from ._layout import layout_of, normalize_axis
+from ._validate import FLOAT_DTYPES, stats_dtype, values_per_channel  # noqa: F401 (re-exported)
 
 
 class BatchNormOutput(NamedTuple):
-    """Result of :func:`batch_norm_forward`."""
+    """Result of :func:`batch_norm_forward` and :func:`batch_norm_act_forward`."""
     y: object        #: normalized output, x's dtype
     mean: object     #: per-channel mean used (batch mean in training, running mean in eval)
     invstd: object   #: per-channel 1/sqrt(var + eps)
@@ -29,132 +29,30 @@ class BatchNormGrads(NamedTuple):
     dbeta: object
 
 
-def values_per_channel(shape, axis):
-    """How many values each channel holds: the product of every other dimension."""
-    return math.prod(s for d, s in enumerate(shape) if d != axis)
-
-
-def stats_dtype(dtype):
-    """float32 statistics for float16/float32 data, float64 for float64 (as PyTorch)."""
-    return np.dtype(np.float64) if np.dtype(dtype) == np.float64 else np.dtype(np.float32)
-
-
-# ----------------------------------------------------------------------------------------------
-# validation helpers: each error names the argument, what was expected and what was given
-
-def _check_data(x, name="x"):
-    if x.dtype not in FLOAT_DTYPES:
-        hint = ""
-        if x.dtype.kind in "biu":
-            hint = f"; convert it first, e.g. {name}.astype(np.float32)"
-        raise TypeError(f"{name}: expected a floating-point array (float16, float32 or float64), "
-                        f"got dtype {x.dtype}{hint}")
-    if x.ndim < 2:
-        raise ValueError(f"{name}: expected an array with at least 2 dimensions (batch and "
-                         f"channel axes), got shape {tuple(x.shape)}")
-
-
-def _check_vector(be, v, name, channels, writeable=False, dtype=None):
-    if v is None:
-        return None
-    v = be.asarray(v, name)
-    if dtype is not None and v.dtype != dtype:
-        raise TypeError(f"{name}: expected dtype {dtype}, got {v.dtype}")
-    if v.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name}: expected a floating-point array, got dtype {v.dtype}")
-    if tuple(v.shape) != (channels,):
-        raise ValueError(f"{name}: expected shape ({channels},) (one value per channel), "
-                         f"got {tuple(v.shape)}")
-    if writeable and not be.is_writeable(v):
-        raise ValueError(f"{name}: expected a writeable array (it is updated in place), "
-                         f"got a read-only one")
-    return v
-
-
-def _check_out(be, a, name, shape, dtype, inputs=()):
-    if a is None:
-        return None
-    a = be.asarray(a, name)
-    if tuple(a.shape) != tuple(shape):
-        raise ValueError(f"{name}: expected shape {tuple(shape)}, got {tuple(a.shape)}")
-    if a.dtype != dtype:
-        raise TypeError(f"{name}: expected dtype {dtype}, got {a.dtype}")
-    if not be.is_writeable(a):
-        raise ValueError(f"{name}: expected a writeable array, got a read-only one")
-    for other in inputs:
-        if be.may_share_memory(a, other) and not _same_view(a, other):
-            raise ValueError(f"{name}: overlaps an input without being the same view of it; "
-                             f"pass the input itself (in place) or a separate array")
-    return a
-
-
-def _same_view(a, b):
-    return (a.shape == b.shape and a.strides == b.strides and a.dtype == b.dtype
-            and _data_pointer(a) == _data_pointer(b))
-
-
-def _data_pointer(a):
-    iface = getattr(a, "__array_interface__", None) or a.__cuda_array_interface__
-    return iface["data"][0]
-
-
-def _check_eps(eps):
-    if isinstance(eps, bool) or not isinstance(eps, (int, float, np.floating, np.integer)) \
-            or not (math.isfinite(eps) and eps > 0):
-        raise ValueError(f"eps: expected a positive finite number, got {eps!r}")
-    return float(eps)
-
-
-def _check_momentum(momentum):
-    if isinstance(momentum, bool) or not isinstance(momentum, (int, float, np.floating, np.integer)) \
-            or not (0.0 <= momentum <= 1.0):
-        raise ValueError(f"momentum: expected a number in [0, 1], got {momentum!r}")
-    return float(momentum)
-
-
-def _split_out(out, names):
-    if out is None:
-        return (None,) * len(names)
-    if not isinstance(out, (tuple, list)) or len(out) != len(names):
-        raise TypeError(f"out: expected None or a tuple of {len(names)} arrays "
-                        f"({', '.join(names)}; any may be None), got {type(out).__name__}")
-    return tuple(out)
-
-
-def _check_backward_inputs(be, dy, x, mean, invstd, gamma, axis):
-    """The backward's input checks (shared with fastbn.distributed); returns them converted."""
-    x = be.asarray(x, "x")
-    _check_data(x)
-    dy = be.asarray(dy, "dy")
-    if tuple(dy.shape) != tuple(x.shape):
-        raise ValueError(f"dy: expected x's shape {tuple(x.shape)}, got {tuple(dy.shape)}")
-    if dy.dtype != x.dtype:
-        raise TypeError(f"dy: expected x's dtype {x.dtype}, got {dy.dtype}")
-    axis = normalize_axis(axis, x.ndim, x.shape)
-    channels = x.shape[axis]
-    mean = _check_vector(be, mean, "mean", channels)
-    invstd = _check_vector(be, invstd, "invstd", channels)
-    if mean is None or invstd is None:
-        raise ValueError("mean, invstd: expected the (C,) arrays returned by "
-                         "batch_norm_forward, got None")
-    if mean.dtype != invstd.dtype:
-        raise TypeError(f"invstd: expected mean's dtype {mean.dtype}, got {invstd.dtype}")
-    gamma = _check_vector(be, gamma, "gamma", channels)
-    return dy, x, axis, mean, invstd, gamma
+class BatchNormActGrads(NamedTuple):
+    """Result of :func:`batch_norm_act_backward`."""
+    dx: object
+    dgamma: object
+    dbeta: object
+    dresidual: object    #: None unless residual=True
 
 
 # ----------------------------------------------------------------------------------------------
 # canonical views
 
-class _Canonical:
+class Canonical:
     """The (outer, C, inner) views of x-shaped arrays, with copies only where axes won't merge."""
+
+    __slots__ = ("be", "layout")
 
     def __init__(self, be, x, axis):
         self.be = be
-        self.layout = Layout(x.shape, x.strides, axis)
+        self.layout = layout_of(tuple(x.shape), tuple(x.strides), axis)
 
     def view(self, a):
         """A no-copy view, or a contiguous copy when a's axes do not merge."""
+        if a is None:
+            return None
         layout = self.layout
         strides3 = layout.strides3(a.strides)
         if strides3 is None:
@@ -162,19 +60,77 @@ class _Canonical:
         return self.be.view3(a, layout.shape3, strides3)
 
     def output(self, a):
-        """(view to write, array to return); a write-back happens in finish() when needed."""
+        """The view to write for output a; finish() writes it back when it had to be a copy."""
         strides3 = self.layout.strides3(a.strides)
         if strides3 is None:
-            return self.be.empty(self.layout.shape3, a.dtype), a
-        return self.be.view3(a, self.layout.shape3, strides3), a
+            return self.be.empty(self.layout.shape3, a.dtype)
+        return self.be.view3(a, self.layout.shape3, strides3)
 
     def finish(self, view3, target):
-        if not self.be.may_share_memory(view3, target):
+        if view3 is not None and not self.be.shares_memory(view3, target):
             self.be.scatter3(target, view3, self.layout.perm)
+
+
+def _warn_nonfinite(channels):
+    """Called by a host backend before it changes any running statistic (it may raise)."""
+    warnings.warn(f"batch_norm_forward: batch statistics are not finite (in the running "
+                  f"statistics' dtype) in channels {channels}; their running statistics were "
+                  f"left unchanged", RuntimeWarning, stacklevel=5)
 
 
 # ----------------------------------------------------------------------------------------------
 # public operations
+
+def _forward(x, gamma, beta, activation, residual, axis, eps, training, running_mean,
+             running_var, momentum, out, backend):
+    outs = () if out is None else tuple(out) if isinstance(out, (tuple, list)) else (out,)
+    be = backends.resolve(backend, (x, gamma, beta, residual, running_mean, running_var) + outs)
+    a = _validate.forward(be, x, gamma, beta, axis=axis, eps_value=eps, training=training,
+                          running_mean=running_mean, running_var=running_var,
+                          momentum_value=momentum, activation_value=activation,
+                          residual=residual, out=out)
+    # ---- everything is valid: from here on, nothing raises for the caller's input ----
+    canon = Canonical(be, a.x, a.axis)
+    channels = a.x.shape[a.axis]
+    y = be.empty_like(a.x) if a.y is None else a.y
+    mean = be.empty((channels,), a.stats_dtype) if a.mean is None else a.mean
+    invstd = be.empty((channels,), a.stats_dtype) if a.invstd is None else a.invstd
+    x3, y3 = canon.view(a.x), canon.output(y)
+    if a.training:
+        be.forward_train(x3, a.gamma, a.beta, a.eps, a.momentum, a.running_mean, a.running_var,
+                         a.activation, canon.view(a.residual), _warn_nonfinite, y3, mean,
+                         invstd)
+    else:
+        be.forward_eval(x3, a.gamma, a.beta, a.running_mean, a.running_var, a.eps, a.activation,
+                        canon.view(a.residual), y3, mean, invstd)
+    canon.finish(y3, y)
+    return BatchNormOutput(y, mean, invstd)
+
+
+def _backward(dy, y, x, mean, invstd, gamma, activation, residual, axis, training, out,
+              backend):
+    outs = () if out is None else tuple(out) if isinstance(out, (tuple, list)) else (out,)
+    be = backends.resolve(backend, (dy, x, y, mean, invstd, gamma) + outs)
+    a = _validate.backward(be, dy, x, mean, invstd, gamma, axis=axis, training=training,
+                           activation_value=activation, y=y, residual=residual, out=out)
+    # ---- everything is valid ----
+    canon = Canonical(be, a.x, a.axis)
+    channels = a.x.shape[a.axis]
+    dx = be.empty_like(a.x) if a.dx is None else a.dx
+    dgamma = be.empty((channels,), a.mean.dtype) if a.dgamma is None else a.dgamma
+    dbeta = be.empty((channels,), a.mean.dtype) if a.dbeta is None else a.dbeta
+    dresidual = None
+    if a.residual:
+        dresidual = be.empty_like(a.x) if a.dresidual is None else a.dresidual
+    dx3 = canon.output(dx)
+    dresidual3 = None if dresidual is None else canon.output(dresidual)
+    be.backward(canon.view(a.dy), canon.view(a.x), a.mean, a.invstd, a.gamma, a.training,
+                a.activation, canon.view(a.y) if a.activation is not None else None, dx3, dgamma,
+                dbeta, dresidual3)
+    canon.finish(dx3, dx)
+    canon.finish(dresidual3, dresidual)
+    return dx, dgamma, dbeta, dresidual
+
 
 def batch_norm_forward(x, gamma=None, beta=None, *, axis=1, eps=1e-5, training=True,
                        running_mean=None, running_var=None, momentum=0.1, out=None,
@@ -194,9 +150,10 @@ def batch_norm_forward(x, gamma=None, beta=None, *, axis=1, eps=1e-5, training=T
         statistics in place. False: normalize with ``running_mean``/``running_var``.
     running_mean, running_var : (C,) float arrays or None
         Updated as ``r = (1 - momentum) r + momentum * batch`` (unbiased batch variance);
-        channels whose batch statistics are not finite are left unchanged, with a warning.
+        channels whose new statistics would not be finite (in the running statistics' dtype)
+        are left unchanged, with a RuntimeWarning issued before any of them changes.
     out : tuple (y, mean, invstd), optional
-        Preallocated outputs; any entry may be None.
+        Preallocated outputs; any entry may be None. ``y`` may be ``x`` itself (in place).
     backend : {"reference", "cpu", "cuda"}, optional
 
     Returns
@@ -208,61 +165,34 @@ def batch_norm_forward(x, gamma=None, beta=None, *, axis=1, eps=1e-5, training=T
     --------
     torch.nn.functional.batch_norm, torch.native_batch_norm
     """
-    y_out, mean_out, invstd_out = _split_out(out, ("y", "mean", "invstd"))
-    be = backends.resolve(backend, (x, gamma, beta, running_mean, running_var,
-                                    y_out, mean_out, invstd_out))
-    x = be.asarray(x, "x")
-    _check_data(x)
-    axis = normalize_axis(axis, x.ndim, x.shape)
-    channels = x.shape[axis]
-    count = values_per_channel(x.shape, axis)
-    eps = _check_eps(eps)
-    momentum = _check_momentum(momentum)
-    training = bool(training)
-    sdtype = stats_dtype(x.dtype)
-    gamma = _check_vector(be, gamma, "gamma", channels)
-    beta = _check_vector(be, beta, "beta", channels)
-    if (running_mean is None) != (running_var is None):
-        raise ValueError("running_mean, running_var: expected both or neither, got only "
-                         + ("running_mean" if running_var is None else "running_var"))
-    running_mean = _check_vector(be, running_mean, "running_mean", channels, writeable=training)
-    running_var = _check_vector(be, running_var, "running_var", channels, writeable=training)
-    if training and count < 2:
-        raise ValueError(f"x: expected more than 1 value per channel in training mode, got "
-                         f"{count} for x of shape {tuple(x.shape)} with channel axis {axis}")
-    if not training and running_mean is None:
-        raise ValueError("running_mean, running_var: required when training=False, got None")
-    y_out = _check_out(be, y_out, "out[0] (y)", x.shape, x.dtype, inputs=(x,))
-    mean_out = _check_out(be, mean_out, "out[1] (mean)", (channels,), sdtype)
-    invstd_out = _check_out(be, invstd_out, "out[2] (invstd)", (channels,), sdtype)
-    # ---- everything is valid: from here on, nothing raises for the caller's input ----
+    return _forward(x, gamma, beta, None, None, axis, eps, training, running_mean, running_var,
+                    momentum, out, backend)
 
-    canon = _Canonical(be, x, axis)
-    x3 = canon.view(x)
-    y = be.empty_like(x) if y_out is None else y_out
-    y3, y = canon.output(y)
-    weight = None if gamma is None else be.to_float64(gamma)
-    bias = None if beta is None else be.to_float64(beta)
-    if training:
-        mean64, var64 = be.forward_train(x3, weight, bias, eps, y3)
-        invstd64 = be.invstd_from_var(var64, eps)
-    else:
-        mean64 = be.to_float64(running_mean)
-        invstd64 = be.invstd_from_var(be.to_float64(running_var), eps)
-        be.forward_eval(x3, mean64, invstd64, weight, bias, y3)
-    canon.finish(y3, y)
-    mean = be.empty((channels,), sdtype) if mean_out is None else mean_out
-    invstd = be.empty((channels,), sdtype) if invstd_out is None else invstd_out
-    be.copyto(mean, mean64)
-    be.copyto(invstd, invstd64)
-    if training and running_mean is not None:
-        skipped = be.update_running_stats(running_mean, running_var, mean64, var64, count,
-                                          momentum, eps)
-        if len(skipped):
-            warnings.warn(f"batch_norm_forward: batch statistics are not finite in channels "
-                          f"{[int(c) for c in skipped]}; their running statistics were left "
-                          f"unchanged", RuntimeWarning, stacklevel=2)
-    return BatchNormOutput(y, mean, invstd)
+
+def batch_norm_act_forward(x, gamma, beta, *, activation="relu", residual=None, axis=1, eps=1e-5,
+                           training=True, running_mean=None, running_var=None, momentum=0.1,
+                           out=None, backend=None):
+    """Batch norm, plus a residual, then an activation, in the passes of batch norm alone:
+    ``y = act(gamma * xhat + beta + residual)``.
+
+    Parameters
+    ----------
+    activation : {None, "relu", "sigmoid"}
+    residual : array or None
+        x-shaped, x's dtype; added before the activation (ResNet's ``relu(bn(x) + identity)``).
+
+    Every other argument is that of :func:`batch_norm_forward`.
+
+    Returns
+    -------
+    BatchNormOutput(y, mean, invstd)
+
+    See Also
+    --------
+    batch_norm_act_backward, torch.nn.functional.batch_norm, torch.nn.functional.relu
+    """
+    return _forward(x, gamma, beta, activation, residual, axis, eps, training, running_mean,
+                    running_var, momentum, out, backend)
 
 
 def batch_norm_backward(dy, x, mean, invstd, gamma=None, *, axis=1, training=True, out=None,
@@ -277,35 +207,33 @@ def batch_norm_backward(dy, x, mean, invstd, gamma=None, *, axis=1, training=Tru
     -------
     BatchNormGrads(dx, dgamma, dbeta)
         ``dx`` has x's dtype; ``dgamma``/``dbeta`` have the dtype of ``mean``/``invstd``.
+        ``out=(dy, None, None)`` computes dx in place.
 
     See Also
     --------
     torch.ops.aten.native_batch_norm_backward
     """
-    dx_out, dgamma_out, dbeta_out = _split_out(out, ("dx", "dgamma", "dbeta"))
-    be = backends.resolve(backend, (dy, x, mean, invstd, gamma, dx_out, dgamma_out, dbeta_out))
-    dy, x, axis, mean, invstd, gamma = _check_backward_inputs(be, dy, x, mean, invstd, gamma,
-                                                              axis)
-    channels = x.shape[axis]
-    dx_out = _check_out(be, dx_out, "out[0] (dx)", x.shape, x.dtype, inputs=(x, dy))
-    dgamma_out = _check_out(be, dgamma_out, "out[1] (dgamma)", (channels,), mean.dtype)
-    dbeta_out = _check_out(be, dbeta_out, "out[2] (dbeta)", (channels,), mean.dtype)
-    # ---- everything is valid ----
-
-    canon = _Canonical(be, x, axis)
-    x3 = canon.view(x)
-    dy3 = canon.view(dy)
-    dx = be.empty_like(x) if dx_out is None else dx_out
-    dx3, dx = canon.output(dx)
-    weight = None if gamma is None else be.to_float64(gamma)
-    sum_dy, sum_dy_xhat = be.backward(dy3, x3, be.to_float64(mean), be.to_float64(invstd),
-                                      weight, bool(training), dx3)
-    canon.finish(dx3, dx)
-    dgamma = be.empty((channels,), mean.dtype) if dgamma_out is None else dgamma_out
-    dbeta = be.empty((channels,), mean.dtype) if dbeta_out is None else dbeta_out
-    be.copyto(dgamma, sum_dy_xhat)
-    be.copyto(dbeta, sum_dy)
+    dx, dgamma, dbeta, _ = _backward(dy, None, x, mean, invstd, gamma, None, False, axis,
+                                     training, out, backend)
     return BatchNormGrads(dx, dgamma, dbeta)
+
+
+def batch_norm_act_backward(dy, y, x, mean, invstd, gamma, *, activation="relu", residual=False,
+                            axis=1, training=True, out=None, backend=None):
+    """Gradients of :func:`batch_norm_act_forward` with respect to x, gamma, beta and the residual.
+
+    The activation's derivative is recovered from the forward's output ``y`` (relu: y > 0;
+    sigmoid: y (1 - y)), so nothing else needs saving. ``residual=True`` also returns the
+    residual's gradient (dy through the activation).
+
+    Returns
+    -------
+    BatchNormActGrads(dx, dgamma, dbeta, dresidual)
+        ``dresidual`` is None unless ``residual=True``. ``out`` is (dx, dgamma, dbeta) or
+        (dx, dgamma, dbeta, dresidual), any entry None.
+    """
+    return BatchNormActGrads(*_backward(dy, y, x, mean, invstd, gamma, activation, residual,
+                                        axis, training, out, backend))
 
 
 def batch_norm(x, running_mean, running_var, gamma=None, beta=None, training=False,
@@ -321,24 +249,39 @@ def batch_norm(x, running_mean, running_var, gamma=None, beta=None, training=Fal
                               momentum=momentum, backend=backend).y
 
 
+def _moments_input(be, x, axis, channels=None):
+    x = _validate.data(be, x)
+    axis = normalize_axis(axis, x.ndim, x.shape)
+    if channels is not None and x.shape[axis] != channels:
+        raise ValueError(f"x: expected {channels} channels on axis {axis}, got shape "
+                         f"{tuple(x.shape)}")
+    return x, axis, values_per_channel(x.shape, axis)
+
+
 def moments(x, *, axis=1, backend=None):
     """Per-channel mean and biased variance over every axis but ``axis``.
 
     Returns float32 statistics for float16/float32 x and float64 for float64 x.
     """
     be = backends.resolve(backend, (x,))
-    x = be.asarray(x, "x")
-    _check_data(x)
-    axis = normalize_axis(axis, x.ndim, x.shape)
-    channels = x.shape[axis]
-    count = values_per_channel(x.shape, axis)
+    x, axis, count = _moments_input(be, x, axis)
     if count < 1:
         raise ValueError(f"x: expected at least 1 value per channel, got 0 for x of shape "
                          f"{tuple(x.shape)} with channel axis {axis}")
-    mean64, m2 = be.channel_moments(_Canonical(be, x, axis).view(x))
     sdtype = stats_dtype(x.dtype)
-    mean = be.empty((channels,), sdtype)
-    var = be.empty((channels,), sdtype)
-    be.copyto(mean, mean64)
-    be.copyto(var, be.var_from_m2(m2, count))
+    mean = be.empty((x.shape[axis],), sdtype)
+    var = be.empty((x.shape[axis],), sdtype)
+    be.moments(Canonical(be, x, axis).view(x), mean, var)
     return mean, var
+
+
+def moments_summary(x, *, axis=1, channels=None, backend=None):
+    """(count, mean, M2) of every channel of x, exact in float64, as NumPy arrays: the summary
+    that Chan's merge combines (``fastbn.RunningMoments``). ``channels``: the channel count x
+    must have on ``axis``."""
+    be = backends.resolve(backend, (x,))
+    x, axis, count = _moments_input(be, x, axis, channels)
+    if count == 0 or x.shape[axis] == 0:
+        return count, np.zeros(x.shape[axis]), np.zeros(x.shape[axis])
+    mean, m2 = be.channel_moments(Canonical(be, x, axis).view(x))
+    return count, be.to_host(mean), be.to_host(m2)

@@ -24,11 +24,9 @@ import zlib
 
 import numpy as np
 
-from . import backends
-from ._layout import normalize_axis
-from .api import (FLOAT_DTYPES, BatchNormGrads, BatchNormOutput, _Canonical,
-                  _check_backward_inputs, _check_data, _check_eps, _check_momentum, _check_vector,
-                  stats_dtype, values_per_channel)
+from . import _validate, backends
+from ._validate import FLOAT_DTYPES
+from .api import BatchNormGrads, BatchNormOutput, Canonical
 from .api import batch_norm_forward as _local_batch_norm_forward
 from .stats import RunningMoments, chan_merge
 
@@ -37,10 +35,6 @@ __all__ = ["batch_norm_forward", "batch_norm_backward", "allreduce_moments", "al
 
 _MISSING_MPI = ('fastbn.distributed needs mpi4py and an MPI library; install them with '
                 'pip install "fastbn[mpi]" (mpi4py and the mpich wheel, which provides mpiexec)')
-
-# the host fallback of the backward reductions works on blocks of about this many elements
-_HOST_BLOCK_ELEMENTS = 1 << 18
-
 
 class DistributedError(RuntimeError):
     """Raised on every rank when a synchronized operation failed on some rank, or when the
@@ -175,77 +169,14 @@ def _merge_moments(counts, means, m2s):
 # ----------------------------------------------------------------------------------------------
 # host <-> backend for the small per-channel vectors
 
-def _on_device(be):
-    return getattr(be, "ON_DEVICE", False)
-
-
 def _host(be, a):
     """A float64 host copy of a per-channel vector held by the backend."""
     return np.array(be.to_host(a), dtype=np.float64)
 
 
 def _to_backend(be, a):
-    """A host array as the backend's array (copied to the device by a device backend)."""
-    return be.to_device(a) if _on_device(be) else a
-
-
-# ----------------------------------------------------------------------------------------------
-# backward's two local halves: per-channel reductions, then dx with the global coefficients.
-# Backends may provide them as ``backward_reduce`` / ``backward_apply``; the host fallback below
-# is the same math in NumPy float64.
-
-def _row_blocks(x3):
-    outer, channels, inner = x3.shape
-    rows = max(1, _HOST_BLOCK_ELEMENTS // max(1, channels * inner))
-    for start in range(0, outer, rows):
-        yield slice(start, min(start + rows, outer))
-
-
-def _host_backward_reduce(dy3, x3, mean):
-    """(sum dy, sum dy * (x - mean), sum (x - mean)) per channel, float64."""
-    sums = np.zeros((3, x3.shape[1]))
-    mean = mean[None, :, None]
-    for rows in _row_blocks(x3):
-        dy = dy3[rows].astype(np.float64)
-        centered = x3[rows].astype(np.float64) - mean
-        sums[0] += dy.sum(axis=(0, 2))
-        sums[1] += (dy * centered).sum(axis=(0, 2))
-        sums[2] += centered.sum(axis=(0, 2))
-    return sums
-
-
-def _host_backward_apply(dy3, x3, mean, scale, mean_dy, coef, dx3):
-    """dx = scale * (dy - mean_dy - (x - mean) * coef), per-channel coefficients."""
-    mean, scale, mean_dy, coef = (v[None, :, None] for v in (mean, scale, mean_dy, coef))
-    for rows in _row_blocks(x3):
-        dx3[rows] = scale * (dy3[rows].astype(np.float64) - mean_dy
-                             - (x3[rows].astype(np.float64) - mean) * coef)
-
-
-def _backward_reduce(be, dy3, x3, mean64):
-    op = getattr(be, "backward_reduce", None)
-    if op is not None:
-        return np.stack([_host(be, s) for s in op(dy3, x3, mean64)])
-    if _on_device(be):   # no device kernel: stage the shard through the host
-        return _host_backward_reduce(np.asarray(be.to_host(dy3)), np.asarray(be.to_host(x3)),
-                                     _host(be, mean64))
-    return _host_backward_reduce(dy3, x3, mean64)
-
-
-def _backward_apply(be, dy3, x3, mean, scale, mean_dy, coef, dx3):
-    """Writes dx3, or returns a separate (outer, C, inner) array holding dx (canon.finish
-    copies it into place)."""
-    op = getattr(be, "backward_apply", None)
-    if op is not None:
-        op(dy3, x3, *(_to_backend(be, v) for v in (mean, scale, mean_dy, coef)), dx3)
-        return dx3
-    if _on_device(be):   # no device kernel: compute on the host, copy dx to the device
-        dx_host = np.empty(dx3.shape, np.dtype(dx3.dtype))
-        _host_backward_apply(np.asarray(be.to_host(dy3)), np.asarray(be.to_host(x3)), mean,
-                             scale, mean_dy, coef, dx_host)
-        return be.to_device(dx_host)
-    _host_backward_apply(dy3, x3, mean, scale, mean_dy, coef, dx3)
-    return dx3
+    """A float64 host vector as the backend's array (copied to the device by a device backend)."""
+    return be.to_device(a) if be.ON_DEVICE else a
 
 
 # ----------------------------------------------------------------------------------------------
@@ -296,28 +227,18 @@ def batch_norm_forward(x, gamma=None, beta=None, *, comm=None, axis=1, eps=1e-5,
     error, fields = None, ()
     try:
         be = backends.resolve(backend, (x, gamma, beta, running_mean, running_var))
-        x = be.asarray(x, "x")
-        _check_data(x)
-        axis = normalize_axis(axis, x.ndim, x.shape)
-        channels = x.shape[axis]
-        count = values_per_channel(x.shape, axis)
-        eps = _check_eps(eps)
-        momentum = _check_momentum(momentum)
-        gamma = _check_vector(be, gamma, "gamma", channels)
-        beta = _check_vector(be, beta, "beta", channels)
-        if (running_mean is None) != (running_var is None):
-            raise ValueError("running_mean, running_var: expected both or neither, got only "
-                             + ("running_mean" if running_var is None else "running_var"))
-        running_mean = _check_vector(be, running_mean, "running_mean", channels, writeable=True)
-        running_var = _check_vector(be, running_var, "running_var", channels, writeable=True)
+        a = _validate.forward(be, x, gamma, beta, axis=axis, eps_value=eps, training=training,
+                              running_mean=running_mean, running_var=running_var,
+                              momentum_value=momentum, local_count=False)
+        channels = a.x.shape[a.axis]
         # a rank may hold fewer than 2 (even 0) values per channel: only the global count matters
         partials = np.zeros((2, channels))
-        if count > 0:
-            canon = _Canonical(be, x, axis)
-            x3 = canon.view(x)
+        canon = Canonical(be, a.x, a.axis)
+        if a.count > 0:
+            x3 = canon.view(a.x)
             mean_local, m2_local = be.channel_moments(x3)
             partials[0], partials[1] = _host(be, mean_local), _host(be, m2_local)
-        fields = (channels, FLOAT_DTYPES.index(x.dtype), count, eps, momentum)
+        fields = (channels, FLOAT_DTYPES.index(a.x.dtype), a.count, a.eps, a.momentum)
     except Exception as exc:
         error = exc
     table = _agree(comm, op_name, error, fields, 5)
@@ -332,33 +253,31 @@ def batch_norm_forward(x, gamma=None, beta=None, *, comm=None, axis=1, eps=1e-5,
     gathered = _allgather(comm, op_name, partials)
     total, mean64, m2 = _merge_moments(counts, gathered[:, 0], gathered[:, 1])
     var64 = m2 / total
-    invstd64 = 1.0 / np.sqrt(var64 + eps)
     # ---- the ranks are in step and the input is valid: anything that fails now aborts ----
     try:
-        sdtype = stats_dtype(x.dtype)
-        mean_be, invstd_be = _to_backend(be, mean64), _to_backend(be, invstd64)
-        y = be.empty_like(x)
-        if count > 0:
-            y3, y = canon.output(y)
-            weight = None if gamma is None else be.to_float64(gamma)
-            bias = None if beta is None else be.to_float64(beta)
-            be.forward_eval(x3, mean_be, invstd_be, weight, bias, y3)
-            canon.finish(y3, y)
-        mean = be.empty((channels,), sdtype)
-        invstd = be.empty((channels,), sdtype)
-        be.copyto(mean, mean_be)
-        be.copyto(invstd, invstd_be)
-        skipped = ()
-        if running_mean is not None:
-            skipped = be.update_running_stats(running_mean, running_var, mean_be,
-                                              _to_backend(be, var64), total, momentum, eps)
+        mean_be, var_be = _to_backend(be, mean64), _to_backend(be, var64)
+        y = be.empty_like(a.x)
+        mean = be.empty((channels,), a.stats_dtype)
+        invstd = be.empty((channels,), a.stats_dtype)
+        # normalizing with given statistics is the eval transform, with the global batch's
+        y3 = canon.output(y)
+        be.forward_eval(canon.view(a.x), a.gamma, a.beta, mean_be, var_be, a.eps, None, None,
+                        y3, mean, invstd)
+        canon.finish(y3, y)
+        if a.running_mean is not None:
+            be.update_running_stats(a.running_mean, a.running_var, mean_be, var_be, total,
+                                    a.momentum, _warn_nonfinite)
+    except Warning:
+        raise   # a warning turned into an error: the same on every rank, nothing changed
     except Exception as exc:
         _abort(comm, op_name, exc)
-    if len(skipped):
-        warnings.warn(f"batch_norm_forward: batch statistics are not finite in channels "
-                      f"{[int(c) for c in skipped]}; their running statistics were left "
-                      f"unchanged", RuntimeWarning, stacklevel=2)
     return BatchNormOutput(y, mean, invstd)
+
+
+def _warn_nonfinite(channels):
+    warnings.warn(f"batch_norm_forward: batch statistics are not finite (in the running "
+                  f"statistics' dtype) in channels {channels}; their running statistics were "
+                  f"left unchanged", RuntimeWarning, stacklevel=4)
 
 
 def batch_norm_backward(dy, x, mean, invstd, gamma=None, *, comm=None, axis=1, backend=None):
@@ -386,17 +305,14 @@ def batch_norm_backward(dy, x, mean, invstd, gamma=None, *, comm=None, axis=1, b
     error, fields = None, ()
     try:
         be = backends.resolve(backend, (dy, x, mean, invstd, gamma))
-        dy, x, axis, mean, invstd, gamma = _check_backward_inputs(be, dy, x, mean, invstd,
-                                                                  gamma, axis)
-        channels = x.shape[axis]
-        count = values_per_channel(x.shape, axis)
-        mean64 = be.to_float64(mean)
+        a = _validate.backward(be, dy, x, mean, invstd, gamma, axis=axis, training=True)
+        channels = a.x.shape[a.axis]
         sums = np.zeros((3, channels))
-        if count > 0:
-            canon = _Canonical(be, x, axis)
-            x3, dy3 = canon.view(x), canon.view(dy)
-            sums = _backward_reduce(be, dy3, x3, mean64)
-        fields = (channels, FLOAT_DTYPES.index(x.dtype), count)
+        canon = Canonical(be, a.x, a.axis)
+        if a.count > 0:
+            x3, dy3 = canon.view(a.x), canon.view(a.dy)
+            sums = np.asarray(be.backward_reduce(dy3, x3, a.mean), dtype=np.float64)
+        fields = (channels, FLOAT_DTYPES.index(a.x.dtype), a.count)
     except Exception as exc:
         error = exc
     table = _agree(comm, op_name, error, fields, 3)
@@ -411,24 +327,25 @@ def batch_norm_backward(dy, x, mean, invstd, gamma=None, *, comm=None, axis=1, b
         sum_xc += rank_sums[2]
     # ---- the ranks are in step and the input is valid: anything that fails now aborts ----
     try:
-        mean_h, invstd_h = _host(be, mean64), _host(be, be.to_float64(invstd))
-        weight_h = np.ones(channels) if gamma is None else _host(be, be.to_float64(gamma))
+        mean_h, invstd_h = _host(be, a.mean), _host(be, a.invstd)
+        weight_h = np.ones(channels) if a.gamma is None else _host(be, a.gamma)
         if total > 0:
             # re-centre on the exact global mean (the saved mean may be rounded to float32)
             shift = sum_xc / total
             sum_dy_xc = sum_dy_xc - shift * sum_dy
             mean_h = mean_h + shift
         dgamma_h = sum_dy_xc * invstd_h
-        dx = be.empty_like(x)
-        if count > 0:
-            dx3, dx = canon.output(dx)
-            dx3 = _backward_apply(be, dy3, x3, mean_h, weight_h * invstd_h, sum_dy / total,
-                                  invstd_h * invstd_h * sum_dy_xc / total, dx3)
+        dx = be.empty_like(a.x)
+        if a.count > 0:
+            dx3 = canon.output(dx)
+            be.backward_apply(dy3, x3, *(_to_backend(be, v) for v in (
+                mean_h, weight_h * invstd_h, sum_dy / total,
+                invstd_h * invstd_h * sum_dy_xc / total)), dx3)
             canon.finish(dx3, dx)
-        dgamma = be.empty((channels,), mean.dtype)
-        dbeta = be.empty((channels,), mean.dtype)
-        be.copyto(dgamma, _to_backend(be, dgamma_h))
-        be.copyto(dbeta, _to_backend(be, sum_dy))
+        dgamma = be.to_device(dgamma_h.astype(a.mean.dtype)) if be.ON_DEVICE \
+            else dgamma_h.astype(a.mean.dtype)
+        dbeta = be.to_device(sum_dy.astype(a.mean.dtype)) if be.ON_DEVICE \
+            else sum_dy.astype(a.mean.dtype)
     except Exception as exc:
         _abort(comm, op_name, exc)
     return BatchNormGrads(dx, dgamma, dbeta)
@@ -438,7 +355,7 @@ def allreduce_moments(acc, comm=None):
     """Merge a :class:`fastbn.RunningMoments` over every rank, in place; returns ``acc``.
 
     Afterwards every rank holds the population statistics of all ranks' data, bit for bit the
-    same (Chan's merge in rank order). Called by ``RunningMoments.allreduce(comm)``.
+    same (Chan's merge in rank order).
     """
     op_name = "allreduce_moments"
     comm = _resolve_comm(comm)

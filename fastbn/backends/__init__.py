@@ -1,29 +1,25 @@
 """Backend registry and selection.
 
-Every backend module exposes the same operations on the canonical ``(outer, C, inner)`` view:
-
-``channel_moments(x3) -> (mean, m2)``
-    float64 per-channel mean and sum of squared deviations.
-``forward_train(x3, weight, bias, eps, y3) -> (mean, var)``
-    fused statistics + normalization; float64 mean and biased variance.
-``forward_eval(x3, mean, invstd, weight, bias, y3)``
-    normalization with given float64 statistics.
-``backward(dy3, x3, mean, invstd, weight, training, dx3) -> (sum_dy, sum_dy_xhat)``
-    writes dx; returns the float64 per-channel reductions (dbeta, dgamma).
-
-plus the array helpers the API layer uses (``asarray``, ``empty``, ``view3``, ``copyto``,
-``to_float64``, ``invstd_from_var``, ``var_from_m2``, ``update_running_stats``, ``to_host``, ...)
-and ``ON_DEVICE``. ``weight``/``bias`` are float64 contiguous (C,) arrays or None (identity).
+Every backend module implements the contract in ``_contract.py`` (the operations on the
+canonical ``(outer, C, inner)`` view, and the array helpers), with the same names and
+parameters; ``tests/test_contract.py`` checks it. Which backend runs a call: the ``backend=``
+argument, then the backend that owns the arrays passed (each device backend is asked, through
+its ``owns`` predicate, which needs no GPU library), then ``use_backend``/``set_backend``.
 
 A device backend (``ON_DEVICE = True``: cuda) also has ``to_device`` and may define
 ``check_available()``, which ``load`` calls once so a missing GPU is a clear error. Given only
-host arrays, a device backend runs through ``HostRoundTrip`` (see _roundtrip.py): host helpers,
-device operations, results copied back.
+host arrays, a device backend runs through ``HostRoundTrip`` (_roundtrip.py): host helpers,
+device operations, results copied back; it works for any device backend from the contract.
 """
 import contextlib
 import contextvars
 import importlib
 import threading
+
+import numpy as np
+
+from . import _memory
+from ._roundtrip import HostRoundTrip
 
 BACKENDS = ("reference", "cpu", "cuda")
 DEFAULT_BACKEND = "cpu"
@@ -81,41 +77,43 @@ def use_backend(name):
         _context_backend.reset(token)
 
 
-def is_device_array(a):
-    """CUDA device memory: numba device arrays (also the simulator's), or anything exporting
-    ``__cuda_array_interface__`` (CuPy arrays, PyTorch CUDA tensors) but no host interface."""
-    if a is None:
-        return False
-    if getattr(type(a), "__cuda_ndarray__", False):
-        return True
-    return hasattr(a, "__cuda_array_interface__") and not hasattr(a, "__array_interface__")
+#: The device backends, each with the predicate that its ``owns`` is (so that resolve can ask it
+#: without importing the backend's GPU library).
+DEVICE_OWNS = {"cuda": _memory.is_device_array}
 
 
 def _round_trip(module):
     adapter = _round_trips.get(module.name)
     if adapter is None:
-        from ._roundtrip import HostRoundTrip
         adapter = _round_trips.setdefault(module.name, HostRoundTrip(module))
     return adapter
 
 
 def resolve(backend, arrays):
-    """Pick the backend: the ``backend=`` argument, then device arrays, then
-    use_backend/set_backend.
+    """Pick the backend: the ``backend=`` argument, then the device backend owning the arrays,
+    then use_backend/set_backend.
 
     A device backend given only host arrays copies them to the device and back (HostRoundTrip);
     given a mix of host and device arrays, its ``asarray`` refuses the host ones by name."""
-    on_device = [a for a in arrays if is_device_array(a)]
+    owner = None
+    for a in arrays:
+        if a is None or type(a) is np.ndarray:
+            continue
+        for name, owns in DEVICE_OWNS.items():
+            if owns(a):
+                owner = name
+                break
+        if owner is not None:
+            break
     if backend is not None:
         name = _check_name(backend)
-    elif on_device:
-        name = "cuda"
     else:
-        name = get_backend()
-    if on_device and name != "cuda":
-        raise TypeError(f"backend: got CUDA device arrays but backend {name!r} works on host "
-                        f"(NumPy) arrays; use backend='cuda' or copy the arrays to the host")
+        name = owner or get_backend()
+    if owner is not None and owner != name:
+        raise TypeError(f"backend: got {owner.upper()} device arrays but backend {name!r} works on "
+                        f"{'host (NumPy)' if name not in DEVICE_OWNS else name} arrays; use "
+                        f"backend={owner!r} or copy the arrays")
     module = load(name)
-    if getattr(module, "ON_DEVICE", False) and not on_device:
+    if module.ON_DEVICE and owner is None:
         return _round_trip(module)
     return module
