@@ -45,7 +45,7 @@ def test_matches_single_process_on_the_concatenated_batch(ranks):
     """Forward (y, mean, invstd, running stats) and backward (dx, dgamma, dbeta) against
     single-process fastbn, NCHW / NHWC / (N, C), float32 / float64, cpu and reference backends,
     skewed shards with a zero-row and a one-row rank; statistics equal bit for bit on every
-    rank; eval without communication; RunningMoments.allreduce; allreduce_sum_; shard."""
+    rank; eval without communication; allreduce_moments; allreduce_sum_; shard."""
     returncode, output = run_mpi(ranks, "check_sync.py")
     assert returncode == 0, output[-6000:]
     assert f"check_sync: {ranks} ranks, 0 failures" in output

@@ -131,7 +131,7 @@ def caught():
     acc = fastbn.RunningMoments(CHANNELS + (rank == 1)).update(data(channels=CHANNELS
                                                                      + (rank == 1)))
     saved = acc.state_dict()
-    expect_error("RunningMoments channel mismatch", lambda: acc.allreduce(comm),
+    expect_error("RunningMoments channel mismatch", lambda: distributed.allreduce_moments(acc, comm),
                  DistributedError, "allreduce_moments: channel counts differ")
     check(acc.count == saved["count"] and np.array_equal(acc.mean, saved["mean"]),
           "RunningMoments modified on error")
