@@ -486,11 +486,148 @@ def test_checkpoint_rejects_a_different_model(digits, tmp_path):
     path = tmp_path / "ckpt.npz"
     trainer.save(path)
     other = nn.Sequential(nn.Linear(784, 10))
-    with pytest.raises(KeyError, match="missing"):
+    with pytest.raises(nn.CheckpointError, match=r"ckpt.npz: .*missing \['model.0.bias'\]"):
         nn.load_checkpoint(path, other)
     (tmp_path / "junk.npz").write_bytes(b"not a zip")
-    with pytest.raises(Exception):
+    with pytest.raises(nn.CheckpointError, match="junk.npz"):
         nn.load_checkpoint(tmp_path / "junk.npz", other)
+
+
+# checkpoints are checked whole before anything is assigned; errors name the file and entry
+
+def tiny_trainer(seed, momentum=0.9):
+    rng = np.random.default_rng(seed)
+    model = small_network(rng, dtype=np.float32)
+    data = np.random.default_rng(seed + 100)
+    x = data.standard_normal((24, 6)).astype(np.float32)
+    labels = data.integers(0, 3, 24)
+    optimizer = nn.SGD(model.parameters(), lr=0.1, momentum=momentum)
+    return nn.Trainer(model, optimizer, x, labels, batch_size=5,
+                      rng=np.random.default_rng([seed, 1]))
+
+
+def trainer_state(trainer):
+    """Everything a checkpoint load may change, as comparable copies."""
+    return (trainer.model.state_dict(), [v.copy() for v in trainer.optimizer.velocity],
+            trainer.optimizer.lr, trainer.sampler.order.copy(), trainer.sampler.position,
+            nn.train.rng_state_json(trainer.sampler.rng), trainer.steps_done)
+
+
+def assert_same_state(a, b):
+    assert a[0].keys() == b[0].keys()
+    for name in a[0]:
+        np.testing.assert_array_equal(a[0][name], b[0][name], err_msg=name)
+    for u, v in zip(a[1], b[1]):
+        np.testing.assert_array_equal(u, v)
+    for u, v in zip(a[2:], b[2:]):
+        np.testing.assert_array_equal(u, v)
+
+
+@pytest.fixture
+def saved_checkpoint(tmp_path):
+    """A trained tiny trainer's checkpoint, and its arrays."""
+    trainer = tiny_trainer(1)
+    trainer.run(7)
+    path = tmp_path / "ckpt.npz"
+    trainer.save(path)
+    with np.load(path) as data:
+        arrays = {k: data[k] for k in data.files}
+    return path, arrays
+
+
+def rewrite(path, arrays, **changes):
+    arrays = dict(arrays)
+    for key, value in changes.items():
+        key = key.replace("__", ".")
+        if value is None:
+            del arrays[key]
+        else:
+            arrays[key] = value
+    with open(path, "wb") as f:
+        np.savez(f, **arrays)
+    return path
+
+
+@pytest.mark.parametrize("changes,entry", [
+    ({"model__6__weight": np.zeros((3, 5), np.float32)}, "model.6.weight"),   # the last layer
+    ({"model__4__running_var": -np.ones(4, np.float32)}, "model.4.running_var"),
+    ({"model__4__num_batches_tracked": np.int64(-3)}, "model.4.num_batches_tracked"),
+    ({"model__2__weight": np.full((4, 5), np.nan, np.float32)}, "model.2.weight"),
+    ({"model__0__weight": np.zeros((5, 6), np.complex64)}, "model.0.weight"),
+    ({"model__6__bias": None}, "model.6.bias"),
+    ({"model__9__weight": np.zeros(3)}, "model.9.weight"),
+    ({"optimizer__lr": np.float64(-0.5)}, "optimizer.lr"),
+    ({"optimizer__lr": np.float64(np.nan)}, "optimizer.lr"),
+    ({"optimizer__lr": np.float64(np.inf)}, "optimizer.lr"),
+    ({"optimizer__momentum": np.float64(1.5)}, "optimizer.momentum"),
+    ({"optimizer__velocity__2": np.zeros(7, np.float32)}, "optimizer.velocity.2"),
+    ({"sampler__position": np.int64(-1)}, "sampler.position"),
+    ({"sampler__position": np.int64(25)}, "sampler.position"),
+    ({"sampler__position": np.float64(5.0)}, "sampler.position"),
+    ({"sampler__order": np.arange(30)}, "sampler.order"),
+    ({"sampler__order": np.zeros(24, np.int64)}, "sampler.order"),
+    ({"sampler__order": np.arange(24.0)}, "sampler.order"),
+    ({"sampler__rng": np.array("{not json")}, "sampler.rng"),
+    ({"sampler__rng": np.array('{"bit_generator": "PCG64", "state": 3}')}, "sampler.rng"),
+    ({"meta__step": np.float64(7.5)}, "meta.step"),
+    ({"meta__step": np.int64(-2)}, "meta.step"),
+    ({"meta__step": None}, "meta.step"),
+    ({"meta__extra": np.array("[1, 2")}, "meta.extra"),
+    ({"meta__format": None}, "meta.format"),
+    ({"meta__format": np.int64(99)}, "meta.format"),
+    ({"junk__entry": np.zeros(2)}, "junk.entry"),
+])
+def test_checkpoint_load_is_checked_whole_before_anything_changes(saved_checkpoint, changes,
+                                                                  entry):
+    path, arrays = saved_checkpoint
+    rewrite(path, arrays, **changes)
+    trainer = tiny_trainer(2)
+    trainer.run(3)
+    before = trainer_state(trainer)
+    with pytest.raises(nn.CheckpointError) as info:
+        trainer.load(path)
+    message = str(info.value)
+    assert str(path) in message and entry in message, message
+    assert_same_state(trainer_state(trainer), before)
+    with pytest.raises(nn.CheckpointError, match=entry.replace(".", r"\.")):
+        nn.load_checkpoint(path, trainer.model, trainer.optimizer, sampler=trainer.sampler)
+    assert_same_state(trainer_state(trainer), before)
+
+
+def test_checkpoint_load_accepts_a_fresh_sampler_and_model_only(saved_checkpoint):
+    path, _ = saved_checkpoint
+    fresh = tiny_trainer(3)                        # its sampler has not drawn a batch yet
+    fresh.save(path)
+    other = tiny_trainer(4)
+    assert other.load(path)["step"] == 0
+    assert len(other.sampler.order) == 0 and other.sampler.position == 0
+    model = tiny_trainer(5).model
+    nn.load_checkpoint(path, model)               # the optimizer/sampler entries are ignored
+    for (name, a), b in zip(model.state_dict().items(), fresh.model.state_dict().values()):
+        np.testing.assert_array_equal(a, b, err_msg=name)
+
+
+@pytest.mark.parametrize("content", [b"", b"not a zip", b"PK\x03\x04 truncated", "half",
+                                     "object", "npy"])
+def test_corrupt_checkpoint_files_name_the_file(saved_checkpoint, content):
+    path, arrays = saved_checkpoint
+    if content == "half":
+        path.write_bytes(path.read_bytes()[:len(path.read_bytes()) // 2])
+    elif content == "object":
+        rewrite(path, arrays, meta__extra=np.array([{"a": 1}], dtype=object))
+    elif content == "npy":
+        with open(path, "wb") as f:
+            np.save(f, np.zeros(3))
+    else:
+        path.write_bytes(content)
+    trainer = tiny_trainer(2)
+    before = trainer_state(trainer)
+    with pytest.raises(nn.CheckpointError, match=f"{path}: ") as info:
+        trainer.load(path)
+    assert "Traceback" not in str(info.value)
+    assert_same_state(trainer_state(trainer), before)
+    with pytest.raises(FileNotFoundError, match="missing.npz"):
+        trainer.load(path.with_name("missing.npz"))
 
 
 def test_state_dict_round_trip(rng):

@@ -9,10 +9,11 @@ from .layers import BatchNorm, Linear, Module, Parameter, ReLU, Sequential, Sigm
 from .loss import SoftmaxCrossEntropy, log_softmax, softmax_cross_entropy
 from .optim import SGD
 from .population import recompute_population_stats
-from .train import (BatchSampler, Trainer, allreduce_gradients, evaluate, load_checkpoint,
-                    predict, save_checkpoint, train_step)
+from .train import (BatchSampler, CheckpointError, Trainer, allreduce_gradients, evaluate,
+                    load_checkpoint, predict, save_checkpoint, train_step)
 
 __all__ = ["Module", "Parameter", "Linear", "BatchNorm", "Sigmoid", "ReLU", "Sequential",
            "normal", "SoftmaxCrossEntropy", "softmax_cross_entropy", "log_softmax", "SGD",
            "recompute_population_stats", "BatchSampler", "Trainer", "train_step", "evaluate",
-           "predict", "save_checkpoint", "load_checkpoint", "allreduce_gradients"]
+           "predict", "save_checkpoint", "load_checkpoint", "CheckpointError",
+           "allreduce_gradients"]

@@ -89,31 +89,66 @@ class Module:
         return state
 
     def load_state_dict(self, state):
-        """Copy values into the existing arrays (shapes must match; all names must be given)."""
-        expected = [name for name, _ in self.named_parameters()] + \
-                   [name for name, _ in self.named_buffers()]
-        missing = [name for name in expected if name not in state]
-        unexpected = [name for name in state if name not in expected]
-        if missing or unexpected:
-            raise KeyError(f"state: expected the keys {expected}; missing {missing}, "
-                           f"unexpected {unexpected}")
-        for name, param in self.named_parameters():
-            _copy_into(param.data, state[name], name)
-        for prefix, module in self.named_modules():
-            for name in module._buffer_names:
-                current = getattr(module, name)
-                if isinstance(current, np.ndarray):
-                    _copy_into(current, state[prefix + name], prefix + name)
-                else:
-                    setattr(module, name, type(current)(np.asarray(state[prefix + name])))
+        """Copy values into the existing arrays. Every entry is checked first (all names
+        present, shapes, real finite values, non-negative counters and variances): on error
+        nothing is changed."""
+        self._staged_load(state)()
         return self
 
+    def _staged_load(self, state, prefix=""):
+        """Check ``state`` whole; return the function that assigns it. Errors name the entry
+        as ``state[prefix + name]``."""
+        expected = [name for name, _ in self.named_parameters()] + \
+                   [name for name, _ in self.named_buffers()]
+        missing = [prefix + name for name in expected if name not in state]
+        unexpected = [prefix + name for name in state if name not in expected]
+        if missing or unexpected:
+            raise ValueError(f"state: expected the entries {[prefix + n for n in expected]}; "
+                             f"missing {missing}, unexpected {unexpected}")
+        assignments = []
+        for name, param in self.named_parameters():
+            value = _checked_array(state[name], param.data.shape, f"state[{prefix + name!r}]")
+            assignments.append(lambda a=param.data, v=value: np.copyto(a, v))
+        for module_prefix, module in self.named_modules():
+            for name in module._buffer_names:
+                current = getattr(module, name)
+                label = f"state[{prefix + module_prefix + name!r}]"
+                value = state[module_prefix + name]
+                if isinstance(current, np.ndarray):
+                    value = _checked_array(value, current.shape, label)
+                    module._check_buffer(name, value, label)
+                    assignments.append(lambda a=current, v=value: np.copyto(a, v))
+                else:
+                    value = _checked_count(value, label)
+                    assignments.append(lambda m=module, n=name, v=value: setattr(m, n, v))
 
-def _copy_into(array, value, name):
+        def assign():
+            for assignment in assignments:
+                assignment()
+        return assign
+
+    def _check_buffer(self, name, value, label):
+        """A layer's extra checks of a loaded buffer (raise ValueError naming ``label``)."""
+
+
+def _checked_array(value, shape, label):
     value = np.asarray(value)
-    if value.shape != array.shape:
-        raise ValueError(f"state[{name!r}]: expected shape {array.shape}, got {value.shape}")
-    np.copyto(array, value)
+    if value.dtype.kind not in "iuf":
+        raise TypeError(f"{label}: expected real numbers, got dtype {value.dtype}")
+    if value.shape != shape:
+        raise ValueError(f"{label}: expected shape {shape}, got {value.shape}")
+    if not np.isfinite(value).all():
+        raise ValueError(f"{label}: expected finite values, got "
+                         f"{value.ravel()[~np.isfinite(value.ravel())][0]}")
+    return value
+
+
+def _checked_count(value, label):
+    """A non-negative integer stored as a Python int or a 0-d integer array."""
+    array = np.asarray(value)
+    if array.shape != () or array.dtype.kind not in "iu" or array < 0:
+        raise ValueError(f"{label}: expected a non-negative integer, got {value!r}")
+    return int(array)
 
 
 def normal(shape, std, rng, dtype=np.float32):
@@ -165,8 +200,9 @@ class BatchNorm(Module):
     channel: a rejected input, or a batch with NaN/inf (whose running statistics the forward
     leaves unchanged, with a RuntimeWarning), does not count. (In a batch that is non-finite in
     only some channels, the finite channels are still updated, with the momentum of the
-    uncounted batch.) Eval mode normalizes with the running statistics. The arithmetic is fastbn's: :func:`fastbn.batch_norm_forward` and
-    :func:`fastbn.batch_norm_backward` on ``backend``. With an MPI communicator ``comm``,
+    uncounted batch.) Eval mode normalizes with the running statistics. The arithmetic is
+    fastbn's: :func:`fastbn.batch_norm_forward` and :func:`fastbn.batch_norm_backward` on
+    ``backend``. With an MPI communicator ``comm``,
     training mode calls their synchronized versions in :mod:`fastbn.distributed` (statistics of
     the global batch; dgamma/dbeta come back summed over the ranks, so these parameters are
     marked ``grad_is_global``); ``comm=None`` means no synchronization.
@@ -195,6 +231,11 @@ class BatchNorm(Module):
         return (f"BatchNorm({self.num_features}, axis={self.axis}, eps={self.eps}, "
                 f"momentum={self.momentum}, backend={self.backend!r}"
                 + (", comm=..." if self.comm is not None else "") + ")")
+
+    def _check_buffer(self, name, value, label):
+        if name == "running_var" and (value < 0).any():
+            raise ValueError(f"{label}: expected non-negative variances, got "
+                             f"{value[value < 0][0]}")
 
     def _synchronized(self, training):
         """Synchronized BN (global batch statistics) in training mode with a communicator; the

@@ -1,4 +1,6 @@
 """Stochastic gradient descent with momentum and weight decay (PyTorch's update rule)."""
+import math
+
 import numpy as np
 
 
@@ -46,16 +48,45 @@ class SGD:
         return state
 
     def load_state_dict(self, state):
-        if int(sum(k.startswith("velocity.") for k in state)) != len(self.velocity):
-            raise ValueError(f"state: expected {len(self.velocity)} velocity buffers, got "
-                             f"{sum(k.startswith('velocity.') for k in state)}")
-        self.lr = float(state["lr"])
-        self.momentum = float(state["momentum"])
-        self.weight_decay = float(state["weight_decay"])
-        for i, v in enumerate(self.velocity):
-            value = np.asarray(state[f"velocity.{i}"])
-            if value.shape != v.shape:
-                raise ValueError(f"state['velocity.{i}']: expected shape {v.shape}, got "
-                                 f"{value.shape}")
-            np.copyto(v, value)
+        """Restore :meth:`state_dict`; everything is checked first, so on error nothing
+        changes."""
+        self._staged_load(state)()
         return self
+
+    def _staged_load(self, state, prefix=""):
+        """Check ``state`` whole; return the function that assigns it."""
+        expected = ["lr", "momentum", "weight_decay"] + \
+                   [f"velocity.{i}" for i in range(len(self.velocity))]
+        missing = [prefix + k for k in expected if k not in state]
+        unexpected = [prefix + k for k in state if k not in expected]
+        if missing or unexpected:
+            raise ValueError(f"state: expected the entries {[prefix + k for k in expected]}; "
+                             f"missing {missing}, unexpected {unexpected}")
+
+        def number(name, accept, what):
+            value = np.asarray(state[name])
+            if value.shape != () or value.dtype.kind not in "iuf" or not accept(float(value)):
+                raise ValueError(f"state[{prefix + name!r}]: expected {what}, got "
+                                 f"{state[name]!r}")
+            return float(value)
+
+        lr = number("lr", lambda v: math.isfinite(v) and v > 0, "a positive finite learning rate")
+        momentum = number("momentum", lambda v: 0.0 <= v < 1.0, "a number in [0, 1)")
+        weight_decay = number("weight_decay", lambda v: math.isfinite(v) and v >= 0,
+                              "a finite number >= 0")
+        velocity = []
+        for i, v in enumerate(self.velocity):
+            label = f"state[{prefix + f'velocity.{i}'!r}]"
+            value = np.asarray(state[f"velocity.{i}"])
+            if value.dtype.kind not in "iuf" or value.shape != v.shape:
+                raise ValueError(f"{label}: expected real numbers of shape {v.shape}, got "
+                                 f"{value.dtype} of shape {value.shape}")
+            if not np.isfinite(value).all():
+                raise ValueError(f"{label}: expected finite values")
+            velocity.append(value)
+
+        def assign():
+            self.lr, self.momentum, self.weight_decay = lr, momentum, weight_decay
+            for v, value in zip(self.velocity, velocity):
+                np.copyto(v, value)
+        return assign

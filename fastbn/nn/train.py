@@ -14,6 +14,7 @@ import math
 import os
 import tempfile
 import warnings
+import zipfile
 import zlib
 
 import numpy as np
@@ -57,10 +58,49 @@ class BatchSampler:
                 "rng": np.array(rng_state_json(self.rng))}
 
     def load_state_dict(self, state):
-        self.order = np.asarray(state["order"], dtype=np.int64).copy()
-        self.position = int(state["position"])
-        set_rng_state_json(self.rng, str(state["rng"]))
+        """Restore :meth:`state_dict`; everything is checked first, so on error nothing
+        changes."""
+        self._staged_load(state)()
         return self
+
+    def _staged_load(self, state, prefix=""):
+        """Check ``state`` whole; return the function that assigns it."""
+        expected = ["order", "position", "rng"]
+        missing = [prefix + k for k in expected if k not in state]
+        unexpected = [prefix + k for k in state if k not in expected]
+        if missing or unexpected:
+            raise ValueError(f"state: expected the entries {[prefix + k for k in expected]}; "
+                             f"missing {missing}, unexpected {unexpected}")
+        order = np.asarray(state["order"])
+        label = f"state[{prefix + 'order'!r}]"
+        if order.ndim != 1 or (order.size and order.dtype.kind not in "iu"):
+            raise ValueError(f"{label}: expected a 1-D integer array, got {order.dtype} of shape "
+                             f"{order.shape}")
+        if len(order) and not np.array_equal(np.sort(order), np.arange(self.num_examples)):
+            raise ValueError(f"{label}: expected a permutation of the {self.num_examples} "
+                             f"training examples (or nothing), got {len(order)} indices"
+                             + ("" if len(order) != self.num_examples else
+                                " that are not a permutation"))
+        position = np.asarray(state["position"])
+        if position.shape != () or position.dtype.kind not in "iu" or \
+                not 0 <= position <= len(order):
+            raise ValueError(f"state[{prefix + 'position'!r}]: expected an integer in "
+                             f"0..{len(order)} (the length of the order), got "
+                             f"{state['position']!r}")
+        rng_text = str(state["rng"])
+        probe = np.random.Generator(type(self.rng.bit_generator)())
+        try:
+            set_rng_state_json(probe, rng_text)
+        except (ValueError, TypeError, KeyError) as err:
+            raise ValueError(f"state[{prefix + 'rng'!r}]: expected the JSON state of a "
+                             f"{type(self.rng.bit_generator).__name__} generator, got "
+                             f"{rng_text[:60]!r} ({err})") from None
+
+        def assign():
+            self.order = order.astype(np.int64)
+            self.position = int(position)
+            set_rng_state_json(self.rng, rng_text)
+        return assign
 
 
 def rng_state_json(rng):
@@ -285,7 +325,8 @@ class Trainer:
                     error = exc
             distributed._agree(self.comm, "Trainer.load", error, (), 0)
             arrays = self.comm.bcast(arrays, root=0)
-        meta = _restore_checkpoint(arrays, self.model, self.optimizer, sampler=self.sampler)
+        meta = _restore_checkpoint(arrays, self.model, self.optimizer, sampler=self.sampler,
+                                   path=path)
         self.steps_done = meta["step"]
         return meta
 
@@ -328,32 +369,85 @@ def save_checkpoint(path, model, optimizer=None, *, sampler=None, step=0, extra=
     return path
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not fit the model, optimizer or sampler. The
+    message names the file and the entry."""
+
+
 def load_checkpoint(path, model, optimizer=None, *, sampler=None):
-    """Restore what :func:`save_checkpoint` wrote; returns ``{"step": int, "extra": dict}``."""
-    return _restore_checkpoint(_read_checkpoint(path), model, optimizer, sampler=sampler)
+    """Restore what :func:`save_checkpoint` wrote; returns ``{"step": int, "extra": dict}``.
+
+    All or nothing: every entry is checked (names, shapes, dtypes, values: a positive finite
+    lr, a sampler order that permutes the data set and a position inside it, integer
+    counters) before anything is assigned. Raises :class:`CheckpointError` naming the file and
+    the entry; FileNotFoundError when ``path`` does not exist."""
+    return _restore_checkpoint(_read_checkpoint(path), model, optimizer, sampler=sampler,
+                               path=path)
 
 
 def _read_checkpoint(path):
     """A checkpoint's arrays by name, its format checked."""
-    with np.load(os.fspath(path), allow_pickle=False) as data:
-        arrays = {k: data[k] for k in data.files}
-    version = int(arrays.get("meta.format", -1))
-    if version != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path}: expected a fastbn checkpoint of format {CHECKPOINT_FORMAT}, "
-                         f"got format {version}")
+    path = os.fspath(path)
+    try:
+        data = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+        raise CheckpointError(f"{path}: not a fastbn checkpoint (.npz archive): "
+                              f"{type(err).__name__}: {err}") from None
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        raise CheckpointError(f"{path}: expected a fastbn checkpoint (.npz archive of named "
+                              f"arrays), got a single .npy array")
+    arrays = {}
+    with data:
+        for name in data.files:
+            try:
+                arrays[name] = data[name]
+            except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as err:
+                raise CheckpointError(f"{path}: entry {name!r} cannot be read: "
+                                      f"{type(err).__name__}: {err}") from None
+    version = arrays.get("meta.format")
+    if version is None or version.shape != () or version.dtype.kind not in "iu" or \
+            int(version) != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path}: entry 'meta.format': expected a fastbn checkpoint of "
+                              f"format {CHECKPOINT_FORMAT}, got "
+                              f"{'nothing' if version is None else version!r}")
     return arrays
 
 
-def _restore_checkpoint(arrays, model, optimizer=None, *, sampler=None):
+def _restore_checkpoint(arrays, model, optimizer=None, *, sampler=None, path="checkpoint"):
+    """Check every entry, then assign them all (nothing changes when a check fails)."""
     def part(prefix):
         return {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
 
-    model.load_state_dict(part("model."))
-    if optimizer is not None:
-        optimizer.load_state_dict(part("optimizer."))
-    if sampler is not None:
-        sampler.load_state_dict(part("sampler."))
-    return {"step": int(arrays["meta.step"]), "extra": json.loads(str(arrays["meta.extra"]))}
+    try:
+        unknown = [k for k in arrays if not k.startswith(("meta.", "model.", "optimizer.",
+                                                          "sampler."))]
+        unknown += [k for k in arrays if k.startswith("meta.")
+                    and k not in ("meta.format", "meta.step", "meta.extra")]
+        if unknown:
+            raise ValueError(f"unexpected entries {unknown}")
+        assignments = [model._staged_load(part("model."), "model.")]
+        if optimizer is not None:
+            assignments.append(optimizer._staged_load(part("optimizer."), "optimizer."))
+        if sampler is not None:
+            assignments.append(sampler._staged_load(part("sampler."), "sampler."))
+        step = arrays.get("meta.step")
+        if step is None or step.shape != () or step.dtype.kind not in "iu" or step < 0:
+            raise ValueError(f"entry 'meta.step': expected a non-negative integer, got "
+                             f"{'nothing' if step is None else step!r}")
+        try:
+            extra = json.loads(str(arrays["meta.extra"]))
+        except (KeyError, ValueError) as err:
+            raise ValueError(f"entry 'meta.extra': expected a JSON object ({err})") from None
+        if not isinstance(extra, dict):
+            raise ValueError(f"entry 'meta.extra': expected a JSON object, got "
+                             f"{type(extra).__name__}")
+    except (ValueError, TypeError) as err:
+        raise CheckpointError(f"{os.fspath(path)}: {err}") from None
+    for assign in assignments:
+        assign()
+    return {"step": int(step), "extra": extra}
 
 
 @contextlib.contextmanager
