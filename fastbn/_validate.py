@@ -13,6 +13,11 @@ from ._layout import normalize_axis
 from .backends._contract import ACTIVATIONS
 
 FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+# (the checks below first try the common case, a plain ndarray that passes, at the cost of a few
+# attribute reads; anything else takes the full path that explains what is wrong)
+_FLOATS = frozenset(FLOAT_DTYPES)     # native byte order only: '>f4' is not in it
+_STATS = {np.dtype(np.float16): np.dtype(np.float32), np.dtype(np.float32): np.dtype(np.float32),
+          np.dtype(np.float64): np.dtype(np.float64)}
 
 
 def stats_dtype(dtype):
@@ -23,6 +28,12 @@ def stats_dtype(dtype):
 def values_per_channel(shape, axis):
     """How many values each channel holds: the product of every other dimension."""
     return math.prod(s for d, s in enumerate(shape) if d != axis)
+
+
+def _axis(axis, x):
+    if type(axis) is int and -x.ndim <= axis < x.ndim:
+        return axis % x.ndim
+    return normalize_axis(axis, x.ndim, x.shape)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -54,6 +65,8 @@ def as_array(be, a, name):
 
 
 def data(be, x, name="x"):
+    if type(x) is np.ndarray and x.dtype in _FLOATS and x.ndim >= 2:
+        return x
     x = as_array(be, x, name)
     if x.dtype not in FLOAT_DTYPES:
         hint = ""
@@ -69,6 +82,8 @@ def data(be, x, name="x"):
 
 def like(be, a, name, x, x_name="x"):
     """An x-shaped input of x's dtype (dy, residual, y)."""
+    if type(a) is np.ndarray and a.shape == x.shape and a.dtype == x.dtype:
+        return a
     a = as_array(be, a, name)
     if tuple(a.shape) != tuple(x.shape):
         raise ValueError(f"{name}: expected {x_name}'s shape {tuple(x.shape)}, got "
@@ -83,6 +98,9 @@ def vector(be, v, name, channels, *, updated=False, dtype=None):
     already be an array of the backend (a list or tuple could not be updated) and writeable."""
     if v is None:
         return None
+    if type(v) is np.ndarray and v.shape == (channels,) and v.dtype in _FLOATS \
+            and (dtype is None or v.dtype == dtype) and (not updated or v.flags.writeable):
+        return v
     if updated and not _is_array(v):
         raise TypeError(f"{name}: expected an array (it is updated in place), got "
                         f"{type(v).__name__}")
@@ -128,6 +146,8 @@ def split_out(out, names):
 
 
 def _number(value, name):
+    if type(value) is float:
+        return value
     if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
         raise TypeError(f"{name}: expected a number, got {type(value).__name__} {value!r}")
     try:
@@ -216,20 +236,77 @@ class Forward(NamedTuple):
     invstd: object
 
 
+def _plain_vector(v, channels):
+    return v is None or (type(v) is np.ndarray and v.shape == (channels,) and v.dtype in _FLOATS)
+
+
+def _owners(*arrays):
+    """Distinct arrays that each own their memory: none of them can overlap another."""
+    seen = set()
+    for a in arrays:
+        if a is None:
+            continue
+        if a.base is not None or not a.flags.owndata or id(a) in seen:
+            return False
+        seen.add(id(a))
+    return True
+
+
+def _forward_common_case(x, gamma, beta, axis, eps_value, training, running_mean, running_var,
+                         momentum_value, activation_value, residual, out, local_count):
+    """The validated Forward when every argument is of the common, valid kind (plain ndarrays,
+    no out=, owned buffers), at the cost of a few attribute reads; else None (the full checks
+    then run and explain what is wrong)."""
+    if (out is not None or type(x) is not np.ndarray or x.dtype not in _FLOATS or x.ndim < 2
+            or type(axis) is not int or not -x.ndim <= axis < x.ndim
+            or type(eps_value) is not float or not 0.0 < eps_value < math.inf
+            or type(momentum_value) is not float or not 0.0 <= momentum_value <= 1.0
+            or type(training) is not bool
+            or not (activation_value is None or (type(activation_value) is str
+                                                 and activation_value in ACTIVATIONS))):
+        return None
+    axis %= x.ndim
+    channels = x.shape[axis]
+    if channels == 0 or (running_mean is None) != (running_var is None):
+        return None
+    count = x.size // channels
+    if (training and local_count and count < 2) or (not training and running_mean is None):
+        return None
+    if not (_plain_vector(gamma, channels) and _plain_vector(beta, channels)
+            and _plain_vector(running_mean, channels) and _plain_vector(running_var, channels)):
+        return None
+    if residual is not None and not (type(residual) is np.ndarray and residual.shape == x.shape
+                                     and residual.dtype == x.dtype):
+        return None
+    if training and running_mean is not None and not (
+            running_mean.flags.writeable and running_var.flags.writeable
+            and _owners(running_mean, running_var, x, gamma, beta, residual)):
+        return None
+    return Forward(x, gamma, beta, residual, running_mean, running_var, axis, eps_value,
+                   momentum_value, training, activation_value, count, _STATS[x.dtype], None, None,
+                   None)
+
+
 def forward(be, x, gamma, beta, *, axis, eps_value, training, running_mean, running_var,
             momentum_value, activation_value=None, residual=None, out=None, local_count=True):
     """Every check of a forward call. ``local_count=False`` (the synchronized forward) leaves the
     "more than one value per channel" check to the caller, who knows the global count."""
+    if not be.ON_DEVICE:
+        common = _forward_common_case(x, gamma, beta, axis, eps_value, training, running_mean,
+                                      running_var, momentum_value, activation_value, residual,
+                                      out, local_count)
+        if common is not None:
+            return common
     y_out, mean_out, invstd_out = split_out(out, ("y", "mean", "invstd"))
     x = data(be, x)
-    axis = normalize_axis(axis, x.ndim, x.shape)
+    axis = _axis(axis, x)
     channels = x.shape[axis]
-    count = values_per_channel(x.shape, axis)
+    count = x.size // channels if channels else values_per_channel(x.shape, axis)
     eps_value = eps(eps_value)
     momentum_value = momentum(momentum_value)
     training = flag(training, "training")
     activation_value = activation(activation_value)
-    sdtype = stats_dtype(x.dtype)
+    sdtype = _STATS[x.dtype]
     gamma = vector(be, gamma, "gamma", channels)
     beta = vector(be, beta, "beta", channels)
     if residual is not None:
@@ -279,16 +356,47 @@ class Backward(NamedTuple):
     dresidual: object
 
 
+def _backward_common_case(dy, x, mean, invstd, gamma, axis, training, activation_value, y,
+                          residual, out):
+    """As _forward_common_case, for the backward (no out=: nothing written can overlap)."""
+    if (out is not None or type(x) is not np.ndarray or x.dtype not in _FLOATS or x.ndim < 2
+            or type(dy) is not np.ndarray or dy.shape != x.shape or dy.dtype != x.dtype
+            or type(axis) is not int or not -x.ndim <= axis < x.ndim
+            or type(training) is not bool or type(residual) is not bool
+            or not (activation_value is None or (type(activation_value) is str
+                                                 and activation_value in ACTIVATIONS))):
+        return None
+    if y is not None and not (type(y) is np.ndarray and y.shape == x.shape
+                              and y.dtype == x.dtype):
+        return None
+    if activation_value is not None and y is None:
+        return None
+    axis %= x.ndim
+    channels = x.shape[axis]
+    if (channels == 0 or mean is None or invstd is None or not _plain_vector(mean, channels)
+            or not _plain_vector(invstd, channels) or mean.dtype != invstd.dtype
+            or not _plain_vector(gamma, channels)):
+        return None
+    return Backward(dy, x, y, mean, invstd, gamma, axis, training, activation_value,
+                    x.size // channels, residual, None, None, None, None)
+
+
 def backward(be, dy, x, mean, invstd, gamma, *, axis, training, activation_value=None, y=None,
-             residual=False, out=None):
-    """Every check of a backward call (plain: ``out`` has 3 entries; fused: 4)."""
-    names = ("dx", "dgamma", "dbeta", "dresidual") if out is not None and len(out) == 4 \
-        and isinstance(out, (tuple, list)) else ("dx", "dgamma", "dbeta")
+             residual=False, out=None, fused=False):
+    """Every check of a backward call (``out``: 3 entries, or 3 or 4 for the fused one)."""
+    if not be.ON_DEVICE:
+        common = _backward_common_case(dy, x, mean, invstd, gamma, axis, training,
+                                       activation_value, y, residual, out)
+        if common is not None:
+            return common
+    names = ("dx", "dgamma", "dbeta")
+    if fused and isinstance(out, (tuple, list)) and len(out) == 4:
+        names += ("dresidual",)
     outs = split_out(out, names) + (None,) * (4 - len(names))
     dx_out, dgamma_out, dbeta_out, dresidual_out = outs
     x = data(be, x)
     dy = like(be, dy, "dy", x)
-    axis = normalize_axis(axis, x.ndim, x.shape)
+    axis = _axis(axis, x)
     channels = x.shape[axis]
     training = flag(training, "training")
     residual = flag(residual, "residual")   # whether the caller wants dresidual
@@ -320,7 +428,8 @@ def backward(be, dy, x, mean, invstd, gamma, *, axis, training, activation_value
     if any(a is not None for _, a in written):
         no_overlap(be, written, [("dy", dy), ("x", x), ("y", y), ("mean", mean),
                                  ("invstd", invstd), ("gamma", gamma)],
-                   allowed=(("out[0] (dx)", "dy"), ("out[0] (dx)", "x")))
-    return Backward(dy, x, y, mean, invstd, gamma, axis, training, activation_value,
-                    values_per_channel(x.shape, axis), residual, dx_out, dgamma_out, dbeta_out,
+                   allowed=(("out[0] (dx)", "dy"),))
+    count = x.size // channels if channels else values_per_channel(x.shape, axis)
+    return Backward(dy, x, y, mean, invstd, gamma, axis, training, activation_value, count,
+                    residual, dx_out, dgamma_out, dbeta_out,
                     dresidual_out)

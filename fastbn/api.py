@@ -108,11 +108,12 @@ def _forward(x, gamma, beta, activation, residual, axis, eps, training, running_
 
 
 def _backward(dy, y, x, mean, invstd, gamma, activation, residual, axis, training, out,
-              backend):
+              backend, fused):
     outs = () if out is None else tuple(out) if isinstance(out, (tuple, list)) else (out,)
     be = backends.resolve(backend, (dy, x, y, mean, invstd, gamma) + outs)
     a = _validate.backward(be, dy, x, mean, invstd, gamma, axis=axis, training=training,
-                           activation_value=activation, y=y, residual=residual, out=out)
+                           activation_value=activation, y=y, residual=residual, out=out,
+                           fused=fused)
     # ---- everything is valid ----
     canon = Canonical(be, a.x, a.axis)
     channels = a.x.shape[a.axis]
@@ -214,7 +215,7 @@ def batch_norm_backward(dy, x, mean, invstd, gamma=None, *, axis=1, training=Tru
     torch.ops.aten.native_batch_norm_backward
     """
     dx, dgamma, dbeta, _ = _backward(dy, None, x, mean, invstd, gamma, None, False, axis,
-                                     training, out, backend)
+                                     training, out, backend, False)
     return BatchNormGrads(dx, dgamma, dbeta)
 
 
@@ -233,7 +234,7 @@ def batch_norm_act_backward(dy, y, x, mean, invstd, gamma, *, activation="relu",
         (dx, dgamma, dbeta, dresidual), any entry None.
     """
     return BatchNormActGrads(*_backward(dy, y, x, mean, invstd, gamma, activation, residual,
-                                        axis, training, out, backend))
+                                        axis, training, out, backend, True))
 
 
 def batch_norm(x, running_mean, running_var, gamma=None, beta=None, training=False,

@@ -61,7 +61,11 @@ def byte_bounds(a):
 
 
 def shares_memory(a, b):
-    """Whether a and b overlap: bounds first (cheap), then NumPy's exact test."""
+    """Whether a and b overlap: two arrays that each own their memory never do (the common case,
+    checked first because it is cheap); otherwise bounds, then NumPy's exact test."""
+    if a is not b and a.base is None and b.base is None and a.flags.owndata \
+            and b.flags.owndata:
+        return False
     return bool(np.may_share_memory(a, b)) and bool(np.shares_memory(a, b, max_work=10**6))
 
 
