@@ -2,6 +2,7 @@
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
+from .. import _pool
 from ._memory import is_device_array
 
 ON_DEVICE = False
@@ -22,12 +23,13 @@ def asarray(a, name):
 
 
 def empty(shape, dtype):
-    return np.empty(shape, dtype=dtype)
+    # large outputs reuse freed blocks (fastbn._pool): new pages cost more than the kernels
+    return _pool.empty(shape, dtype)
 
 
 def empty_like(a):
     # keeps a's memory order (NCHW stays NCHW, channels-last stays channels-last)
-    return np.empty_like(a, order="K")
+    return _pool.empty_like(a)
 
 
 def is_writeable(a):
