@@ -82,9 +82,19 @@ def _warn_nonfinite(channels):
 # public operations
 
 def _forward(x, gamma, beta, activation, residual, axis, eps, training, running_mean,
-             running_var, momentum, out, backend):
+             running_var, momentum, out, backend, stream):
     outs = () if out is None else tuple(out) if isinstance(out, (tuple, list)) else (out,)
     be = backends.resolve(backend, (x, gamma, beta, residual, running_mean, running_var) + outs)
+    if stream is not None:
+        with backends.launch_stream(be, stream):
+            return _forward_on(be, x, gamma, beta, activation, residual, axis, eps, training,
+                               running_mean, running_var, momentum, out)
+    return _forward_on(be, x, gamma, beta, activation, residual, axis, eps, training,
+                       running_mean, running_var, momentum, out)
+
+
+def _forward_on(be, x, gamma, beta, activation, residual, axis, eps, training, running_mean,
+                running_var, momentum, out):
     a = _validate.forward(be, x, gamma, beta, axis=axis, eps_value=eps, training=training,
                           running_mean=running_mean, running_var=running_var,
                           momentum_value=momentum, activation_value=activation,
@@ -108,9 +118,19 @@ def _forward(x, gamma, beta, activation, residual, axis, eps, training, running_
 
 
 def _backward(dy, y, x, mean, invstd, gamma, activation, residual, axis, training, out,
-              backend, fused):
+              backend, fused, stream):
     outs = () if out is None else tuple(out) if isinstance(out, (tuple, list)) else (out,)
     be = backends.resolve(backend, (dy, x, y, mean, invstd, gamma) + outs)
+    if stream is not None:
+        with backends.launch_stream(be, stream):
+            return _backward_on(be, dy, y, x, mean, invstd, gamma, activation, residual, axis,
+                                training, out, fused)
+    return _backward_on(be, dy, y, x, mean, invstd, gamma, activation, residual, axis, training,
+                        out, fused)
+
+
+def _backward_on(be, dy, y, x, mean, invstd, gamma, activation, residual, axis, training, out,
+                 fused):
     a = _validate.backward(be, dy, x, mean, invstd, gamma, axis=axis, training=training,
                            activation_value=activation, y=y, residual=residual, out=out,
                            fused=fused)
@@ -135,7 +155,7 @@ def _backward(dy, y, x, mean, invstd, gamma, activation, residual, axis, trainin
 
 def batch_norm_forward(x, gamma=None, beta=None, *, axis=1, eps=1e-5, training=True,
                        running_mean=None, running_var=None, momentum=0.1, out=None,
-                       backend=None):
+                       backend=None, stream=None):
     """Batch normalization forward (Ioffe & Szegedy 2015, Algorithm 1 and 2).
 
     Parameters
@@ -156,6 +176,10 @@ def batch_norm_forward(x, gamma=None, beta=None, *, axis=1, eps=1e-5, training=T
     out : tuple (y, mean, invstd), optional
         Preallocated outputs; any entry may be None. ``y`` may be ``x`` itself (in place).
     backend : {"reference", "cpu", "cuda"}, optional
+    stream : numba stream or int handle, optional
+        cuda only: the stream to launch on. Default: the stream the inputs name in
+        ``__cuda_array_interface__`` (PyTorch: ``torch.cuda.current_stream()``), see
+        docs/cuda.md.
 
     Returns
     -------
@@ -167,12 +191,12 @@ def batch_norm_forward(x, gamma=None, beta=None, *, axis=1, eps=1e-5, training=T
     torch.nn.functional.batch_norm, torch.native_batch_norm
     """
     return _forward(x, gamma, beta, None, None, axis, eps, training, running_mean, running_var,
-                    momentum, out, backend)
+                    momentum, out, backend, stream)
 
 
 def batch_norm_act_forward(x, gamma, beta, *, activation="relu", residual=None, axis=1, eps=1e-5,
                            training=True, running_mean=None, running_var=None, momentum=0.1,
-                           out=None, backend=None):
+                           out=None, backend=None, stream=None):
     """Batch norm, plus a residual, then an activation, in the passes of batch norm alone:
     ``y = act(gamma * xhat + beta + residual)``.
 
@@ -193,11 +217,11 @@ def batch_norm_act_forward(x, gamma, beta, *, activation="relu", residual=None, 
     batch_norm_act_backward, torch.nn.functional.batch_norm, torch.nn.functional.relu
     """
     return _forward(x, gamma, beta, activation, residual, axis, eps, training, running_mean,
-                    running_var, momentum, out, backend)
+                    running_var, momentum, out, backend, stream)
 
 
 def batch_norm_backward(dy, x, mean, invstd, gamma=None, *, axis=1, training=True, out=None,
-                        backend=None):
+                        backend=None, stream=None):
     """Gradients of :func:`batch_norm_forward` with respect to x, gamma and beta.
 
     ``mean``/``invstd`` are the values returned by the forward call. With ``training=True``
@@ -215,12 +239,12 @@ def batch_norm_backward(dy, x, mean, invstd, gamma=None, *, axis=1, training=Tru
     torch.ops.aten.native_batch_norm_backward
     """
     dx, dgamma, dbeta, _ = _backward(dy, None, x, mean, invstd, gamma, None, False, axis,
-                                     training, out, backend, False)
+                                     training, out, backend, False, stream)
     return BatchNormGrads(dx, dgamma, dbeta)
 
 
 def batch_norm_act_backward(dy, y, x, mean, invstd, gamma, *, activation="relu", residual=False,
-                            axis=1, training=True, out=None, backend=None):
+                            axis=1, training=True, out=None, backend=None, stream=None):
     """Gradients of :func:`batch_norm_act_forward` with respect to x, gamma, beta and the residual.
 
     The activation's derivative is recovered from the forward's output ``y`` (relu: y > 0;
@@ -234,11 +258,11 @@ def batch_norm_act_backward(dy, y, x, mean, invstd, gamma, *, activation="relu",
         (dx, dgamma, dbeta, dresidual), any entry None.
     """
     return BatchNormActGrads(*_backward(dy, y, x, mean, invstd, gamma, activation, residual,
-                                        axis, training, out, backend, True))
+                                        axis, training, out, backend, True, stream))
 
 
 def batch_norm(x, running_mean, running_var, gamma=None, beta=None, training=False,
-               momentum=0.1, eps=1e-5, axis=1, backend=None):
+               momentum=0.1, eps=1e-5, axis=1, backend=None, stream=None):
     """Same argument order and meaning as ``torch.nn.functional.batch_norm``; returns y.
 
     See Also
@@ -247,7 +271,7 @@ def batch_norm(x, running_mean, running_var, gamma=None, beta=None, training=Fal
     """
     return batch_norm_forward(x, gamma, beta, axis=axis, eps=eps, training=training,
                               running_mean=running_mean, running_var=running_var,
-                              momentum=momentum, backend=backend).y
+                              momentum=momentum, backend=backend, stream=stream).y
 
 
 def _moments_input(be, x, axis, channels=None):
@@ -259,12 +283,17 @@ def _moments_input(be, x, axis, channels=None):
     return x, axis, values_per_channel(x.shape, axis)
 
 
-def moments(x, *, axis=1, backend=None):
+def moments(x, *, axis=1, backend=None, stream=None):
     """Per-channel mean and biased variance over every axis but ``axis``.
 
     Returns float32 statistics for float16/float32 x and float64 for float64 x.
     """
     be = backends.resolve(backend, (x,))
+    with backends.launch_stream(be, stream):
+        return _moments_on(be, x, axis)
+
+
+def _moments_on(be, x, axis):
     x, axis, count = _moments_input(be, x, axis)
     if count < 1:
         raise ValueError(f"x: expected at least 1 value per channel, got 0 for x of shape "

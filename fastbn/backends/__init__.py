@@ -26,6 +26,10 @@ DEFAULT_BACKEND = "cpu"
 
 _global_backend = DEFAULT_BACKEND
 _context_backend = contextvars.ContextVar("fastbn_backend", default=None)
+#: The ``stream=`` argument of the public call in progress (None: the backend's default rule).
+#: Device backends read it when they launch; the contract's signatures stay the same for every
+#: backend.
+STREAM = contextvars.ContextVar("fastbn_stream", default=None)
 _modules = {}
 _round_trips = {}
 _lock = threading.Lock()
@@ -87,6 +91,22 @@ def _round_trip(module):
     if adapter is None:
         adapter = _round_trips.setdefault(module.name, HostRoundTrip(module))
     return adapter
+
+
+@contextlib.contextmanager
+def launch_stream(be, stream):
+    """Make ``stream`` the stream of the enclosed backend calls (device backends only)."""
+    if stream is None:
+        yield
+        return
+    if not getattr(be, "ON_DEVICE", False) and not isinstance(be, HostRoundTrip):
+        raise TypeError(f"stream: expected None for the {be.name!r} backend (streams are for "
+                        f"device backends), got {type(stream).__name__}")
+    token = STREAM.set(stream)
+    try:
+        yield
+    finally:
+        STREAM.reset(token)
 
 
 def resolve(backend, arrays):
