@@ -16,6 +16,7 @@ import argparse
 import contextlib
 import inspect
 import json
+import math
 import os
 import sys
 import traceback
@@ -34,6 +35,11 @@ def command(name, help, arguments, epilog=None):
     return register
 
 
+class UsageError(Exception):
+    """A user mistake (an option or the data): ``main`` prints ``fastbn COMMAND: error:
+    MESSAGE`` as one line, without a traceback, and exits with status 2."""
+
+
 def _positive_int(text):
     value = int(text)
     if value < 1:
@@ -41,10 +47,27 @@ def _positive_int(text):
     return value
 
 
+def _non_negative_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text}")
+    return value
+
+
 def _positive_float(text):
     value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text}")
+    return value
+
+
+def _fraction(text):
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"expected an accuracy in [0, 1], got {text}")
     return value
 
 
@@ -60,9 +83,9 @@ def _multipliers(text):
         values = [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
         values = []
-    if not values or any(not v > 0 for v in values):
-        raise argparse.ArgumentTypeError(f"expected comma-separated positive numbers such as "
-                                         f"1,5,30, got {text!r}")
+    if not values or any(not (v > 0 and math.isfinite(v)) for v in values):
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive finite numbers "
+                                         f"such as 1,5,30, got {text!r}")
     return values
 
 
@@ -91,7 +114,7 @@ def _common_training_arguments(parser, defaults):
                        help="learning rate, the same for both runs (default %(default)s)")
     group.add_argument("--init-std", type=_positive_float, default=defaults["init_std"],
                        help="std of the Gaussian initial weights (default %(default)s)")
-    group.add_argument("--seed", type=int, default=defaults["seed"],
+    group.add_argument("--seed", type=_non_negative_int, default=defaults["seed"],
                        help="seed of the initial weights and batch order (default %(default)s)")
     group.add_argument("--eval-every", type=_positive_int, default=None, metavar="K",
                        help="evaluate every K steps (default: steps/50, i.e. 50 points)")
@@ -147,11 +170,60 @@ def _limited_threads(threads):
 
 
 def _load_data(args):
-    from fastbn.data import IdxError, load_dataset
+    from fastbn.data import DataError, IdxError, load_dataset
     try:
         return load_dataset(args.dataset, args.data, download=args.download)
-    except (FileNotFoundError, IdxError, OSError) as err:
-        raise SystemExit(f"fastbn: error: {err}")
+    except (FileNotFoundError, IdxError, DataError, OSError) as err:
+        raise UsageError(str(err)) from None
+
+
+def _check_options(args):
+    """What argparse's per-option types cannot see: combinations of options."""
+    if args.download and args.dataset != "mnist":
+        raise UsageError(f"--download: only MNIST can be downloaded, got --dataset "
+                         f"{args.dataset}")
+    for multiplier in getattr(args, "multipliers", ()):
+        if not math.isfinite(args.lr * multiplier):
+            raise UsageError(f"--lr {args.lr:g} times --multipliers {multiplier:g}: expected a "
+                             f"finite learning rate, got {args.lr * multiplier:g}")
+
+
+def _check_output(out):
+    """--out must be a directory, or creatable as one, and writable."""
+    existing = out if out.exists() else next((p for p in out.parents if p.exists()), Path("."))
+    if not existing.is_dir():
+        what = "" if existing == out else f" (its parent {existing} is a file)"
+        raise UsageError(f"--out {out}: expected a directory, got a file that is not a "
+                         f"directory{what}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"--out {out}: expected a writable directory, got {existing}, which "
+                         f"is not writable")
+
+
+def _check_plotting():
+    try:
+        import matplotlib  # noqa: F401
+        from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: F401
+        from matplotlib.figure import Figure  # noqa: F401
+    except ImportError as err:
+        raise UsageError(f'the figures need matplotlib ({err}); install it with pip install '
+                         f'"fastbn[paper]" (or pip install matplotlib)') from None
+
+
+def _check_data(args, dataset):
+    train, test = dataset.sizes["train"], dataset.sizes["test"]
+    if args.batch_size > train:
+        raise UsageError(f"--batch-size {args.batch_size}: expected at most the {train:,} "
+                         f"training examples of {dataset.source}")
+    if test == 0:
+        raise UsageError(f"{dataset.source}: expected at least one test example, got none")
+
+
+def _make_output(out):
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UsageError(f"--out {out}: cannot create the directory ({err.strerror})") from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -214,8 +286,12 @@ def _setup(args):
     data and the same training options. A failure on any rank raises the same
     DistributedError on every rank, naming the rank, before any training step."""
     if args.comm is None:
+        _check_options(args)
+        _check_output(args.out)
+        _check_plotting()
         dataset = _load_data(args)
-        args.out.mkdir(parents=True, exist_ok=True)
+        _check_data(args, dataset)
+        _make_output(args.out)
         return dataset
     from fastbn import distributed
     from fastbn.data import load_dataset
@@ -226,6 +302,14 @@ def _setup(args):
         return load_dataset(args.dataset, args.data, download=args.download)
 
     dataset = error = None
+    try:
+        _check_options(args)
+        if rank == 0:   # only rank 0 writes
+            _check_output(args.out)
+            _check_plotting()
+    except Exception as exc:
+        error = exc
+    distributed._agree(comm, op_name, error, (), 0)
     if args.download:   # one process downloads into the cache, the others then find it there
         if rank == 0:
             try:
@@ -237,8 +321,9 @@ def _setup(args):
     try:
         if dataset is None:
             dataset = load()
+        _check_data(args, dataset)
         if rank == 0:
-            args.out.mkdir(parents=True, exist_ok=True)
+            _make_output(args.out)
         fields = (_data_fingerprint(dataset),)
     except Exception as exc:
         error = exc
@@ -313,9 +398,14 @@ def _refuse_launch_without_distributed(args):
 
 
 def _write_json(path, data):
-    tmp = path.with_name(path.name + ".part")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(tmp, path)
+    """Write JSON atomically: a temporary file beside ``path``, renamed over it once complete."""
+    tmp = path.with_name(f".{path.name}.part")
+    try:
+        tmp.write_text(json.dumps(data, indent=1) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _describe_data(dataset):
@@ -335,7 +425,7 @@ def paper(args):
     """Train the paper's 784-100-100-100-10 sigmoid network twice, without and with BatchNorm
     before each hidden sigmoid (same learning rate, initial weights and batch order), and write
     OUT/metrics.json and the PNGs of Figure 1 (a), (b), (c)."""
-    from fastbn.nn.paper import plot_figure1, run_paper, summary_table
+    from fastbn.nn.paper import FIGURE1_FILES, plot_figure1, run_paper, summary_table
     dataset = _setup(args)
     writer = _is_writer(args)
     if writer:
@@ -350,8 +440,9 @@ def paper(args):
     if not writer:
         return 0
     metrics["config"]["threads"] = args.threads
-    metrics["figures"] = [Path(p).name for p in plot_figure1(metrics, args.out)]
-    _write_json(args.out / "metrics.json", metrics)
+    metrics["figures"] = list(FIGURE1_FILES)
+    _write_json(args.out / "metrics.json", metrics)   # before any figure: plotting may fail
+    plot_figure1(metrics, args.out)
     print(summary_table(metrics))
     print(f"wrote {args.out / 'metrics.json'} and {', '.join(metrics['figures'])}")
     return 0
@@ -363,6 +454,11 @@ def _sweep_arguments(parser):
     parser.add_argument("--multipliers", type=_multipliers,
                         default=list(SWEEP_DEFAULTS["multipliers"]), metavar="M1,M2,...",
                         help="learning-rate multipliers applied to --lr (default 1,5,30)")
+    parser.add_argument("--stall-below", type=_fraction,
+                        default=SWEEP_DEFAULTS["stall_below"], metavar="ACC",
+                        help="a run stalls when it ends below this test accuracy (default "
+                             "%(default)s; chance is 0.1). The sweep exits with status 1 when "
+                             "a BN run stalls or diverges")
 
 
 @command("lr-sweep", "the learning-rate claim: train with and without BN at several lr",
@@ -370,8 +466,10 @@ def _sweep_arguments(parser):
 def lr_sweep(args):
     """Train the sigmoid network with and without BatchNorm at --lr times each multiplier;
     report the steps to --target accuracy, the final accuracy, and which runs diverged
-    (non-finite loss) or stalled. Writes OUT/lr_sweep.json and OUT/lr_sweep.png."""
-    from fastbn.nn.paper import plot_lr_sweep, run_lr_sweep, sweep_table
+    (non-finite loss) or stalled (ended below --stall-below). Writes OUT/lr_sweep.json and
+    OUT/lr_sweep.png. Exit status 1 when a BN run stalled or diverged: the paper's claim that
+    BN trains at these rates then fails."""
+    from fastbn.nn.paper import LR_SWEEP_FILE, plot_lr_sweep, run_lr_sweep, sweep_table
     dataset = _setup(args)
     writer = _is_writer(args)
     if writer:
@@ -382,14 +480,23 @@ def lr_sweep(args):
         sweep = run_lr_sweep(dataset, multipliers=args.multipliers, steps=args.steps,
                              batch_size=args.batch_size, lr=args.lr, init_std=args.init_std,
                              seed=args.seed, eval_every=args.eval_every, backend=args.backend,
-                             target=args.target, show_progress=not args.quiet, comm=args.comm)
+                             target=args.target, stall_below=args.stall_below,
+                             show_progress=not args.quiet, comm=args.comm)
+    failed = [r for r in sweep["results"] if r["run"] == "bn" and r["status"] != "ok"]
     if not writer:
-        return 0
+        return 1 if failed else 0
     sweep["config"]["threads"] = args.threads
-    sweep["figures"] = [Path(plot_lr_sweep(sweep, args.out)).name]
-    _write_json(args.out / "lr_sweep.json", sweep)
+    sweep["figures"] = [LR_SWEEP_FILE]
+    _write_json(args.out / "lr_sweep.json", sweep)    # before the figure: plotting may fail
+    plot_lr_sweep(sweep, args.out)
     print(sweep_table(sweep))
-    print(f"wrote {args.out / 'lr_sweep.json'} and {sweep['figures'][0]}")
+    print(f"wrote {args.out / 'lr_sweep.json'} and {LR_SWEEP_FILE}")
+    if failed:
+        shown = "; ".join(f"lr {r['lr']:g} (x{r['multiplier']:g}): {r['status']}"
+                          for r in failed)
+        print(f"fastbn lr-sweep: BN did not train at every learning rate ({shown})",
+              file=sys.stderr)
+        return 1
     return 0
 
 
@@ -427,6 +534,9 @@ def main(argv=None):
             if refused:
                 return refused
         return args.run(args)
+    except UsageError as err:
+        print(f"fastbn {args.command}: error: {err}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("\nfastbn: interrupted", file=sys.stderr)
         return 130

@@ -37,6 +37,11 @@ IMAGE_MAGIC, LABEL_MAGIC = 2051, 2049
 HELD_OUT_PER_CLASS = 100
 
 
+class DataError(ValueError):
+    """Data files that are valid IDX but cannot make a data set (half a split, too few
+    examples for the held-out test split)."""
+
+
 @dataclass
 class Dataset:
     """Images as uint8 ``(N, 28, 28)``, labels as uint8 ``(N,)``, plus where they came from."""
@@ -85,9 +90,16 @@ def _find_file(directory, stem):
     return None
 
 
-def split_paths(directory, split):
-    """(images_path, labels_path) of one split in ``directory``, or None if either is missing."""
+def split_paths(directory, split, *, complete=False):
+    """(images_path, labels_path) of one split in ``directory``, or None if either is missing.
+    With ``complete``, half a split (images without labels or labels without images) is a
+    DataError naming the missing file, not None."""
     images, labels = (_find_file(directory, stem) for stem in SPLIT_FILES[split])
+    if complete and (images is None) != (labels is None):
+        found, missing = ((images, SPLIT_FILES[split][1]) if labels is None
+                          else (labels, SPLIT_FILES[split][0]))
+        raise DataError(f"{directory}: found {found.name} but not {missing}[.gz]; add it, or "
+                        f"remove {found.name}")
     return None if images is None or labels is None else (images, labels)
 
 
@@ -126,8 +138,10 @@ def read_split(images_path, labels_path):
 
 
 def _load_dir(directory, name, source, require_test=True):
-    train = split_paths(directory, "train")
-    test = split_paths(directory, "test")
+    # an explicit --data directory (require_test=False) must hold whole splits; a cache
+    # directory that does not simply falls through to the next source
+    train = split_paths(directory, "train", complete=not require_test)
+    test = split_paths(directory, "test", complete=not require_test)
     if train is None or (require_test and test is None):
         return None
     train_images, train_labels = read_split(*train)
@@ -141,6 +155,13 @@ def _load_dir(directory, name, source, require_test=True):
 
 def _held_out(name, source, images, labels, notes, per_class=HELD_OUT_PER_CLASS):
     """Hold out the last ``per_class`` examples of every class (a fixed, stratified split)."""
+    counts = np.bincount(labels, minlength=10)
+    if counts.min() <= per_class:
+        short = ", ".join(f"{c}: {n}" for c, n in enumerate(counts) if n <= per_class)
+        raise DataError(f"{notes.get('train', source)}: the held-out test split takes the last "
+                        f"{per_class} examples of every class and leaves the rest for training, "
+                        f"so each class needs more than {per_class}; got (class: count) "
+                        f"{short}. Add the t10k-* test files, or use more training data")
     test_index = np.concatenate([np.flatnonzero(labels == c)[-per_class:] for c in range(10)])
     is_test = np.zeros(len(labels), dtype=bool)
     is_test[test_index] = True

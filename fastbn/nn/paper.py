@@ -18,8 +18,10 @@ every rank returns the same metrics, equal to a single process's up to the order
 additions.
 """
 import math
+import os
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -35,7 +37,10 @@ RUN_LABELS = {"baseline": "Without BN", "bn": "With BN"}
 
 DEFAULTS = dict(steps=50_000, batch_size=60, lr=0.5, init_std=0.01, seed=0, momentum=0.0,
                 weight_decay=0.0, monitor_size=1000, unit=0, target=0.9)
-SWEEP_DEFAULTS = dict(DEFAULTS, steps=10_000, multipliers=(1, 5, 30))
+SWEEP_DEFAULTS = dict(DEFAULTS, steps=10_000, multipliers=(1, 5, 30), stall_below=0.5)
+FIGURE1_FILES = ("figure1a_test_accuracy.png", "figure1b_baseline_sigmoid_input.png",
+                 "figure1c_bn_sigmoid_input.png", "figure1.png")
+LR_SWEEP_FILE = "lr_sweep.png"
 
 
 def paper_network(batch_norm, *, init_std=DEFAULTS["init_std"], seed=0, hidden=HIDDEN,
@@ -317,11 +322,14 @@ def _format_table(head, rows):
 def run_lr_sweep(dataset, *, multipliers=SWEEP_DEFAULTS["multipliers"],
                  steps=SWEEP_DEFAULTS["steps"], batch_size=DEFAULTS["batch_size"],
                  lr=DEFAULTS["lr"], init_std=DEFAULTS["init_std"], seed=DEFAULTS["seed"],
-                 eval_every=None, backend=None, target=DEFAULTS["target"], show_progress=True,
-                 stream=None, comm=None):
+                 eval_every=None, backend=None, target=DEFAULTS["target"],
+                 stall_below=SWEEP_DEFAULTS["stall_below"], show_progress=True, stream=None,
+                 comm=None):
     """Train both networks at ``lr * m`` for each multiplier m; divergence (a mini-batch loss
     that is NaN, infinite or above ``DIVERGENCE_LOSS``) ends that run and is recorded, not
-    raised. ``comm``: data parallel over MPI, as in :func:`run_paper`."""
+    raised. A run that finishes below the test accuracy ``stall_below`` has stalled. Each
+    result's ``status`` is "ok", "stalled ..." or "diverged ...". ``comm``: data parallel over
+    MPI, as in :func:`run_paper`."""
     data = dataset.arrays()
     show_progress = show_progress and (comm is None or comm.Get_rank() == 0)
     eval_steps = evaluation_steps(steps, eval_every)
@@ -339,8 +347,8 @@ def run_lr_sweep(dataset, *, multipliers=SWEEP_DEFAULTS["multipliers"],
             final = record["final_test_accuracy"]
             if record["diverged_at_step"] is not None:
                 status = f"diverged at step {record['diverged_at_step']:,}"
-            elif final is None or final < 0.2:
-                status = "stalled (near chance)"
+            elif final is None or final < stall_below:
+                status = f"stalled (final accuracy below {_pct(stall_below)})"
             else:
                 status = "ok"
             record.update(run=name, multiplier=multiplier, lr=lr * multiplier, status=status,
@@ -348,8 +356,9 @@ def run_lr_sweep(dataset, *, multipliers=SWEEP_DEFAULTS["multipliers"],
             results.append(record)
     config = dict(steps=steps, batch_size=batch_size, base_lr=lr, multipliers=list(multipliers),
                   init_std=init_std, seed=seed, backend=backend or "cpu",
-                  target_accuracy=target, hidden=list(HIDDEN), activation="sigmoid",
-                  divergence="a mini-batch loss that is NaN, infinite or above "
+                  target_accuracy=target, stall_below=stall_below, hidden=list(HIDDEN),
+                  activation="sigmoid",
+                  divergence=f"a mini-batch loss that is NaN, infinite or above "
                              f"{DIVERGENCE_LOSS:g}", **parallel_config(batch_size, comm))
     return {"config": config, "dataset": dataset.describe(), "results": results}
 
@@ -365,6 +374,20 @@ def sweep_table(sweep):
 
 # ----------------------------------------------------------------------------------------------
 # figures (matplotlib's Agg canvas: no display is ever opened)
+
+def _save(fig, path):
+    """Save a PNG atomically: to a temporary file beside ``path``, renamed over it once
+    complete, so that a failure leaves no partial file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.part")
+    try:
+        fig.savefig(tmp, format="png")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return str(path)
+
 
 def _figure(width=5.0, height=3.6):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -401,32 +424,30 @@ def _plot_percentiles(ax, record, title, ylim=None):
 
 
 def plot_figure1(metrics, out_dir):
-    """Figure 1 (a), (b), (c) as separate PNGs and side by side; returns the paths."""
-    from pathlib import Path
+    """Figure 1 (a), (b), (c) as separate PNGs (:data:`FIGURE1_FILES`) and side by side;
+    returns the paths."""
     out_dir = Path(out_dir)
     values = [v for r in metrics["runs"].values()
-              for series in r["sigmoid_input_percentiles"].values() for v in series]
+              for series in r["sigmoid_input_percentiles"].values() for v in series
+              if math.isfinite(v)]
     ylim = None
     if values:
         low, high = min(values), max(values)
         pad = 0.05 * (high - low) + 1e-3
         ylim = (low - pad, high + pad)   # (b) and (c) on one scale, as in the paper
     titles = {"baseline": "(b) Without BN", "bn": "(c) With BN"}
-    paths = []
+    paths = [out_dir / name for name in FIGURE1_FILES]
     fig = _figure()
     ax = fig.add_subplot()
     _plot_accuracy(ax, metrics)
     ax.set_title("(a) Test accuracy")
     fig.tight_layout()
-    paths.append(out_dir / "figure1a_test_accuracy.png")
-    fig.savefig(paths[-1])
-    for name, filename in (("baseline", "figure1b_baseline_sigmoid_input.png"),
-                           ("bn", "figure1c_bn_sigmoid_input.png")):
+    _save(fig, paths[0])
+    for name, path in (("baseline", paths[1]), ("bn", paths[2])):
         fig = _figure()
         _plot_percentiles(fig.add_subplot(), metrics["runs"][name], titles[name], ylim)
         fig.tight_layout()
-        paths.append(out_dir / filename)
-        fig.savefig(paths[-1])
+        _save(fig, path)
     fig = _figure(14.0, 3.8)
     axes = fig.subplots(1, 3)
     _plot_accuracy(axes[0], metrics)
@@ -434,14 +455,12 @@ def plot_figure1(metrics, out_dir):
     _plot_percentiles(axes[1], metrics["runs"]["baseline"], titles["baseline"], ylim)
     _plot_percentiles(axes[2], metrics["runs"]["bn"], titles["bn"], ylim)
     fig.tight_layout()
-    paths.append(out_dir / "figure1.png")
-    fig.savefig(paths[-1])
+    _save(fig, paths[3])
     return [str(p) for p in paths]
 
 
 def plot_lr_sweep(sweep, out_dir):
     """Test accuracy against step for every (multiplier, run); returns the PNG's path."""
-    from pathlib import Path
     multipliers = sweep["config"]["multipliers"]
     fig = _figure(4.2 * len(multipliers), 3.6)
     axes = np.atleast_1d(fig.subplots(1, len(multipliers), sharey=True))
@@ -461,6 +480,4 @@ def plot_lr_sweep(sweep, out_dir):
         ax.legend(loc="lower right", fontsize="small")
     axes[0].set_ylabel("test accuracy")
     fig.tight_layout()
-    path = Path(out_dir) / "lr_sweep.png"
-    fig.savefig(path)
-    return str(path)
+    return _save(fig, Path(out_dir) / LR_SWEEP_FILE)
