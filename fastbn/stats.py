@@ -28,27 +28,6 @@ def chan_merge(count_a, mean_a, m2_a, count_b, mean_b, m2_b):
     return count, mean, m2
 
 
-def _moments_summary(x, axis, channels, backend):
-    # TRANSITIONAL until the lead's api.moments_summary lands; then call it directly.
-    if hasattr(api, "moments_summary"):
-        return api.moments_summary(x, axis=axis, channels=channels, backend=backend)
-    from . import backends
-    from ._layout import normalize_axis
-    be = backends.resolve(backend, (x,))
-    x = be.asarray(x, "x")
-    api._check_data(x)
-    axis = normalize_axis(axis, x.ndim, x.shape)
-    if x.shape[axis] != channels:
-        raise ValueError(f"x: expected {channels} channels on axis {axis}, got "
-                         f"shape {tuple(x.shape)}")
-    count = api.values_per_channel(x.shape, axis)
-    if count == 0 or channels == 0:
-        return count, np.zeros(channels), np.zeros(channels)
-    with np.errstate(all="ignore"):
-        mean, m2 = be.channel_moments(api._Canonical(be, x, axis).view(x))
-    return count, np.asarray(be.to_host(mean), np.float64), np.asarray(be.to_host(m2), np.float64)
-
-
 def _is_integer(value):
     """A Python or NumPy integer (a 0-d integer array included), not a bool."""
     if isinstance(value, np.ndarray) and value.ndim == 0:
@@ -87,7 +66,9 @@ class RunningMoments:
 
         A batch with non-finite statistics in some channel is skipped whole, with a
         RuntimeWarning naming those channels (see the class docstring)."""
-        count, mean, m2 = _moments_summary(x, axis, self.num_channels, backend)
+        with np.errstate(invalid="ignore", over="ignore"):   # non-finite data: warned below
+            count, mean, m2 = api.moments_summary(x, axis=axis, channels=self.num_channels,
+                                                  backend=backend)
         if count == 0 or self.num_channels == 0:
             return self
         bad = np.flatnonzero(~(np.isfinite(mean) & np.isfinite(m2)))
