@@ -1,5 +1,22 @@
 """numba-cuda kernels on the canonical ``(outer, C, inner)`` view, and their launchers.
 
+Every operation of the backend contract (``_contract.py``) is here, with reference.py's
+semantics, in at most two kernel launches, with no host wait and no device-to-host copy:
+
+==========================  =================================================================
+operation                   launches
+==========================  =================================================================
+forward_train               1. statistics (+ last block per channel: mean/invstd, running stats)
+                            2. normalize (+ weight, bias, residual, activation)
+forward_eval                1. normalize from the running statistics (+ writes mean/invstd)
+backward                    1. gradient sums (+ last block per channel: dgamma, dbeta, dx coef)
+                            2. dx (+ dresidual)
+moments, channel_moments    1. statistics (+ last block per channel: the outputs)
+update_running_stats        1. per channel
+backward_apply              1. dx
+backward_reduce             1. gradient sums (then the host copy the contract asks for)
+==========================  =================================================================
+
 Two memory regimes, as on the CPU:
 
 * channel-major (``inner > 1``, e.g. NCHW): a channel is ``outer`` contiguous runs of ``inner``
@@ -10,29 +27,29 @@ Two memory regimes, as on the CPU:
   ``tile`` adjacent channels (adjacent threads read adjacent channels of a row: coalesced) by
   ``tpb / tile`` rows, and the rows are cut into ``splits`` pieces.
 
-Every reduction is two kernels. The first writes one float64 partial per (channel, piece):
-(count, mean, M2) for the statistics, plain sums for the backward pass. Inside a block each
-thread sums its values shifted by its own first value, turns the sums into (count, mean, M2),
-and the threads are merged by a shared-memory tree with Chan's formula. The second kernel merges
-the pieces of each channel, again in a fixed tree order. There are no floating-point atomics: a
-result depends on the launch configuration only, so it is bitwise the same from run to run.
-
-Element-wise passes (normalize, dx) walk the flattened tensor with a grid-stride loop and carry
-the (o, c, i) index forward by additions instead of dividing per element. Threads issue
-``unroll`` loads before using them, to keep enough bytes in flight.
+A reduction writes one float64 partial per (channel, piece) into a cached scratch buffer; the
+block that finishes a channel's (or tile's) last piece -- a per-channel device counter says
+which -- merges that channel's partials in a fixed tree order and writes the results. Which
+block is last changes from run to run, the merge order does not: results are bitwise the same
+from run to run. There are no floating-point atomics on results (partials are read back with
+an atomic add of 0.0, a load that bypasses the incoherent L1 cache).
 
 All accumulation and per-element arithmetic is float64; float16/float32 values are widened on
-load and rounded once on store. Launch settings come from ``fastbn._config`` (CUDA_*), read at
-every call; kernels are compiled per (threads per block, unroll) because shared and local arrays
-need compile-time sizes.
+load and rounded once on store. Per-channel vectors (weight, bias, running statistics, the saved
+statistics) are read in their own dtypes: no cast launches. Launch settings come from
+``fastbn._config`` (CUDA_*), read at every call; kernels are compiled per (threads per block,
+unroll) because shared and local arrays need compile-time sizes.
 
-Importing this module never touches a GPU; ``check_available()`` (called by
-``fastbn.backends.load``) says clearly what is missing when there is none.
+Streams, the caller's array library and the non-finite record: see docs/cuda.md and
+``fastbn.cuda`` (public helpers). Importing this module never touches a GPU;
+``check_available()`` (called by ``fastbn.backends.load``) says clearly what is missing.
 """
 import contextlib
+import contextvars
 import functools
 import importlib.util
 import math
+import sys
 import threading
 from types import SimpleNamespace
 from typing import NamedTuple
@@ -40,6 +57,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .. import _config
+from ._memory import is_device_array
 
 _INSTALL_HINT = 'pip install "fastbn[cuda]"'
 
@@ -68,9 +86,14 @@ if SIMULATOR:
 _jit = cuda.jit
 _device_array = cuda.device_array
 _to_device = cuda.to_device
+_default_stream = cuda.default_stream
+_external_stream = cuda.external_stream
 _as_cuda_array = getattr(cuda, "as_cuda_array", None)
 _from_cuda_array_interface = getattr(cuda, "from_cuda_array_interface", None)
 _simulator_lock = threading.Lock() if SIMULATOR else contextlib.nullcontext()
+
+#: The contract's ``owns``: CUDA device memory, decided without importing a GPU library.
+owns = is_device_array
 
 
 # ----------------------------------------------------------------------------------------------
@@ -151,8 +174,8 @@ def plan_channel_major(outer, channels, inner, settings):
     count = outer * inner
     splits = max(1, min(_cdiv(count, settings.tpb * settings.min_items),
                         _cdiv(settings.max_blocks, max(channels, 1))))
-    chunk = _cdiv(_cdiv(count, splits), settings.tpb) * settings.tpb
-    splits = _cdiv(count, chunk)
+    chunk = max(_cdiv(_cdiv(count, splits), settings.tpb), 1) * settings.tpb
+    splits = max(_cdiv(count, chunk), 1)
     return splits, chunk, min(channels * splits, settings.max_blocks)
 
 
@@ -163,13 +186,19 @@ def plan_channels_last(rows, channels, settings):
     row_threads = settings.tpb // tile
     splits = max(1, min(_cdiv(rows, row_threads * settings.min_items),
                         _cdiv(settings.max_blocks, tiles)))
-    rows_per_split = _cdiv(rows, splits)
-    splits = _cdiv(rows, rows_per_split)
+    rows_per_split = max(_cdiv(rows, splits), 1)
+    splits = max(_cdiv(rows, rows_per_split), 1)
     return tile, splits, rows_per_split, min(tiles * splits, settings.max_blocks)
 
 
 def _elementwise_blocks(size, settings):
     return min(_cdiv(size, settings.tpb * settings.unroll), settings.max_blocks)
+
+
+# Reduction modes (what the last block of a channel writes) and activation codes.
+STATS_CHANNEL_MOMENTS, STATS_MOMENTS, STATS_TRAIN = 0, 1, 2
+GRAD_BACKWARD, GRAD_REDUCE = 0, 1
+ACTIVATION_CODES = {None: 0, "relu": 1, "sigmoid": 2}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -233,6 +262,13 @@ def _block_sum3(sh_a, sh_b, sh_c, tid, width, groups):
 
 
 @cuda.jit(device=True, inline=True)
+def _coherent_load(part, index):
+    """A load that sees other blocks' stores (after their threadfence): an atomic add of 0.0
+    goes to L2, where a plain load may hit a stale L1 line."""
+    return cuda.atomic.add(part, index, 0.0)
+
+
+@cuda.jit(device=True, inline=True)
 def _advance(o, c, i, step_o, step_c, step_i, channels, inner):
     """(o, c, i) moved forward by a flat step pre-split into (step_o, step_c, step_i)."""
     i += step_i
@@ -257,6 +293,103 @@ def _split_flat(e, channels, inner):
     return o, c, rest - c * inner
 
 
+@cuda.jit(device=True, inline=True)
+def _activate(z, activation):
+    if activation == 1:
+        return z if z > 0.0 else 0.0
+    if activation == 2:
+        return 1.0 / (1.0 + math.exp(-z))
+    return z
+
+
+@cuda.jit(device=True, inline=True)
+def _activation_grad(g, y, activation):
+    """dL/dz from dL/dy, the activation's derivative recovered from its output y."""
+    if activation == 1:
+        return g if y > 0.0 else 0.0
+    if activation == 2:
+        return g * y * (1.0 - y)
+    return g
+
+
+@cuda.jit(device=True, inline=True)
+def _update_running(c, running_mean, running_var, mean, biased_var, momentum, unbias,
+                    limit_mean, limit_var, flags):
+    """r = (1 - momentum) r + momentum * batch (unbiased variance), for channel c, unless a new
+    value would not be finite in the running statistics' dtype (|v| >= limit: it rounds to
+    inf; NaN fails the test too). flags[c] records a skipped channel."""
+    new_mean = (1.0 - momentum) * np.float64(running_mean[c]) + momentum * mean
+    new_var = (1.0 - momentum) * np.float64(running_var[c]) + momentum * (biased_var * unbias)
+    if abs(new_mean) < limit_mean and abs(new_var) < limit_var:
+        running_mean[c] = new_mean
+        running_var[c] = new_var
+        flags[c] = 0
+    else:
+        flags[c] = 1
+
+
+@cuda.jit(device=True, inline=True)
+def _finish_stats(c, n, mean, m2, mode, eps, out_a, out_b, stat, has_running, running_mean,
+                  running_var, momentum, unbias, limit_mean, limit_var, flags):
+    """What a channel's last block writes from its merged (count, mean, M2)."""
+    if n == 0.0:                  # no values: NaN statistics (as the reference)
+        out_a[c] = math.nan
+        out_b[c] = math.nan
+        if mode == 2:
+            stat[0, c] = math.nan
+            stat[1, c] = math.nan
+            if has_running:
+                flags[c] = 1
+        return
+    if mode == 0:                 # channel_moments: float64 mean and M2
+        out_a[c] = mean
+        out_b[c] = m2
+    elif mode == 1:               # moments: mean and biased variance in the outputs' dtype
+        out_a[c] = mean
+        out_b[c] = m2 / n
+    else:                         # forward_train
+        var = m2 / n
+        invstd = 1.0 / math.sqrt(var + eps)
+        stat[0, c] = mean
+        stat[1, c] = invstd
+        out_a[c] = mean
+        out_b[c] = invstd
+        if has_running:
+            _update_running(c, running_mean, running_var, mean, var, momentum, unbias,
+                            limit_mean, limit_var, flags)
+
+
+@cuda.jit(device=True, inline=True)
+def _finish_grad(c, s_dz, s_dz_xc, s_xc, count, mode, mean, invstd, weight, has_weight,
+                 training, coef, dgamma, dbeta):
+    """What a channel's last block writes from its merged gradient sums: dgamma, dbeta and the
+    dx coefficients (mu, scale, mean_dz, b) of dx = scale (dz - mean_dz - (x - mu) b); or, for
+    backward_reduce, the three sums."""
+    if mode == 1:
+        coef[0, c] = s_dz
+        coef[1, c] = s_dz_xc
+        coef[2, c] = s_xc
+        return
+    mu = np.float64(mean[c])
+    inv = np.float64(invstd[c])
+    if training and count > 0.0:
+        # re-centre on the exact batch mean (the saved mean may be rounded)
+        shift = s_xc / count
+        mu += shift
+        s_dz_xc -= shift * s_dz
+    dbeta[c] = s_dz
+    dgamma[c] = s_dz_xc * inv
+    gamma = np.float64(weight[c]) if has_weight else 1.0
+    coef[0, c] = mu
+    coef[1, c] = gamma * inv
+    if training and count > 0.0:
+        coef[2, c] = s_dz / count
+        coef[3, c] = inv * inv * s_dz_xc / count
+    else:
+        coef[2, c] = 0.0
+        coef[3, c] = 0.0
+
+
 # ----------------------------------------------------------------------------------------------
 # kernels
 
@@ -266,19 +399,23 @@ def kernel_functions(tpb, unroll):
     ``_kernels`` compiles them with ``cuda.jit``; tests compile them to PTX for a real GPU
     architecture with ``cuda.compile_ptx`` (the simulator would accept code a GPU won't)."""
 
-    # ---- statistics: partials per (channel, piece), then a merge per channel ----------------
+    # ---- statistics: a partial per (channel, piece); the last piece's block merges ----------
 
-    def moments_partials_channel_major(x, chunk, splits, part):
+    def stats_channel_major(x, chunk, splits, part, counter, mode, eps, out_a, out_b, stat,
+                            has_running, running_mean, running_var, momentum, unbias,
+                            limit_mean, limit_var, flags):
         outer, channels, inner = x.shape
         count = outer * inner
+        pieces = channels * splits
         tid = cuda.threadIdx.x
         sh_n = cuda.shared.array(tpb, np.float64)
         sh_mean = cuda.shared.array(tpb, np.float64)
         sh_m2 = cuda.shared.array(tpb, np.float64)
+        sh_last = cuda.shared.array(1, np.int32)
         vals = cuda.local.array(unroll, np.float64)
         step_o = tpb // inner
         step_i = tpb - step_o * inner
-        for item in range(cuda.blockIdx.x, channels * splits, cuda.gridDim.x):
+        for item in range(cuda.blockIdx.x, pieces, cuda.gridDim.x):
             c = item // splits
             start = (item - c * splits) * chunk
             end = min(start + chunk, count)
@@ -313,14 +450,46 @@ def kernel_functions(tpb, unroll):
             sh_m2[tid] = m2
             cuda.syncthreads()
             _block_merge_moments(sh_n, sh_mean, sh_m2, tid, 1, tpb)
-            if tid == 0:
-                part[0, item] = sh_n[0]
-                part[1, item] = sh_mean[0]
-                part[2, item] = sh_m2[0]
+            if splits == 1:
+                if tid == 0:
+                    _finish_stats(c, sh_n[0], sh_mean[0], sh_m2[0], mode, eps, out_a, out_b,
+                                  stat, has_running, running_mean, running_var, momentum,
+                                  unbias, limit_mean, limit_var, flags)
+            else:
+                if tid == 0:
+                    part[item] = sh_n[0]
+                    part[pieces + item] = sh_mean[0]
+                    part[2 * pieces + item] = sh_m2[0]
+                    cuda.threadfence()
+                    sh_last[0] = cuda.atomic.add(counter, c, 1) == splits - 1
+                cuda.syncthreads()
+                if sh_last[0]:
+                    cuda.threadfence()
+                    n_f = 0.0
+                    mean = 0.0
+                    m2 = 0.0
+                    for s in range(tid, splits, tpb):      # a fixed order, whoever is last
+                        w = c * splits + s
+                        n_f, mean, m2 = _chan_merge(
+                            n_f, mean, m2, _coherent_load(part, w),
+                            _coherent_load(part, pieces + w), _coherent_load(part, 2 * pieces + w))
+                    sh_n[tid] = n_f
+                    sh_mean[tid] = mean
+                    sh_m2[tid] = m2
+                    cuda.syncthreads()
+                    _block_merge_moments(sh_n, sh_mean, sh_m2, tid, 1, tpb)
+                    if tid == 0:
+                        counter[c] = 0
+                        _finish_stats(c, sh_n[0], sh_mean[0], sh_m2[0], mode, eps, out_a,
+                                      out_b, stat, has_running, running_mean, running_var,
+                                      momentum, unbias, limit_mean, limit_var, flags)
             cuda.syncthreads()
 
-    def moments_partials_channels_last(x, tile, rows_per_split, splits, part):
+    def stats_channels_last(x, tile, rows_per_split, splits, part, counter, mode, eps, out_a,
+                            out_b, stat, has_running, running_mean, running_var, momentum,
+                            unbias, limit_mean, limit_var, flags):
         rows, channels = x.shape[0], x.shape[1]
+        pieces = channels * splits
         tid = cuda.threadIdx.x
         lane = tid % tile
         row0 = tid // tile
@@ -329,6 +498,7 @@ def kernel_functions(tpb, unroll):
         sh_n = cuda.shared.array(tpb, np.float64)
         sh_mean = cuda.shared.array(tpb, np.float64)
         sh_m2 = cuda.shared.array(tpb, np.float64)
+        sh_last = cuda.shared.array(1, np.int32)
         vals = cuda.local.array(unroll, np.float64)
         for item in range(cuda.blockIdx.x, tiles * splits, cuda.gridDim.x):
             t = item // splits
@@ -360,51 +530,64 @@ def kernel_functions(tpb, unroll):
             sh_m2[tid] = m2
             cuda.syncthreads()
             _block_merge_moments(sh_n, sh_mean, sh_m2, tid, tile, row_threads)
-            if row0 == 0 and c < channels:
-                w = c * splits + s
-                part[0, w] = sh_n[lane]
-                part[1, w] = sh_mean[lane]
-                part[2, w] = sh_m2[lane]
+            if splits == 1:
+                if row0 == 0 and c < channels:
+                    _finish_stats(c, sh_n[lane], sh_mean[lane], sh_m2[lane], mode, eps, out_a,
+                                  out_b, stat, has_running, running_mean, running_var, momentum,
+                                  unbias, limit_mean, limit_var, flags)
+            else:
+                if row0 == 0 and c < channels:
+                    w = c * splits + s
+                    part[w] = sh_n[lane]
+                    part[pieces + w] = sh_mean[lane]
+                    part[2 * pieces + w] = sh_m2[lane]
+                    cuda.threadfence()
+                cuda.syncthreads()
+                if tid == 0:
+                    sh_last[0] = cuda.atomic.add(counter, t, 1) == splits - 1
+                cuda.syncthreads()
+                if sh_last[0]:
+                    cuda.threadfence()
+                    n_f = 0.0
+                    mean = 0.0
+                    m2 = 0.0
+                    if c < channels:
+                        for p in range(row0, splits, row_threads):
+                            w = c * splits + p
+                            n_f, mean, m2 = _chan_merge(
+                                n_f, mean, m2, _coherent_load(part, w),
+                                _coherent_load(part, pieces + w),
+                                _coherent_load(part, 2 * pieces + w))
+                    sh_n[tid] = n_f
+                    sh_mean[tid] = mean
+                    sh_m2[tid] = m2
+                    cuda.syncthreads()
+                    _block_merge_moments(sh_n, sh_mean, sh_m2, tid, tile, row_threads)
+                    if tid == 0:
+                        counter[t] = 0
+                    if row0 == 0 and c < channels:
+                        _finish_stats(c, sh_n[lane], sh_mean[lane], sh_m2[lane], mode, eps,
+                                      out_a, out_b, stat, has_running, running_mean,
+                                      running_var, momentum, unbias, limit_mean, limit_var,
+                                      flags)
             cuda.syncthreads()
 
-    def finalize_moments(part, splits, count, eps, training, mean, m2, var, invstd):
-        """Merge each channel's pieces: mean and M2; for training also var = M2 / count and
-        invstd = 1 / sqrt(var + eps)."""
-        channels = mean.shape[0]
-        tid = cuda.threadIdx.x
-        sh_n = cuda.shared.array(tpb, np.float64)
-        sh_mean = cuda.shared.array(tpb, np.float64)
-        sh_m2 = cuda.shared.array(tpb, np.float64)
-        for c in range(cuda.blockIdx.x, channels, cuda.gridDim.x):
-            n = 0.0
-            mu = 0.0
-            q = 0.0
-            for s in range(tid, splits, tpb):
-                w = c * splits + s
-                n, mu, q = _chan_merge(n, mu, q, part[0, w], part[1, w], part[2, w])
-            sh_n[tid] = n
-            sh_mean[tid] = mu
-            sh_m2[tid] = q
-            cuda.syncthreads()
-            _block_merge_moments(sh_n, sh_mean, sh_m2, tid, 1, tpb)
-            if tid == 0:
-                mean[c] = sh_mean[0]
-                m2[c] = sh_m2[0]
-                if training:
-                    v = sh_m2[0] / count
-                    var[c] = v
-                    invstd[c] = 1.0 / math.sqrt(v + eps)
-            cuda.syncthreads()
+    # ---- element-wise: y = act((x - mean) invstd gamma + beta + residual) --------------------
 
-    # ---- element-wise ------------------------------------------------------------------------
-
-    def normalize(x, mean, invstd, weight, has_weight, bias, has_bias, y):
-        """y = (x - mean) * (weight * invstd) + bias, per channel."""
+    def normalize(x, mean, invstd, from_running, eps, weight, has_weight, bias, has_bias,
+                  residual, has_residual, activation, y, mean_out, invstd_out, write_stats):
+        """mean/invstd: the float64 batch statistics (forward_train), or the running statistics
+        (from_running: invstd holds the running variance). write_stats: the first C threads
+        also write mean_out, invstd_out (forward_eval)."""
         outer, channels, inner = x.shape
         size = outer * channels * inner
         vals = cuda.local.array(unroll, np.float64)
         e = cuda.grid(1)
         step = cuda.gridsize(1)
+        if write_stats:
+            for c in range(e, channels, step):
+                mean_out[c] = mean[c]
+                invstd_out[c] = 1.0 / math.sqrt(np.float64(invstd[c]) + eps)
         step_o, step_c, step_i = _split_flat(step, channels, inner)
         o, c, i = _split_flat(e, channels, inner)
         while e < size:
@@ -415,34 +598,44 @@ def kernel_functions(tpb, unroll):
                 lo, lc, li = _advance(lo, lc, li, step_o, step_c, step_i, channels, inner)
             for u in range(unroll):
                 if e + u * step < size:
-                    scale = invstd[c]
+                    if from_running:
+                        inv = 1.0 / math.sqrt(np.float64(invstd[c]) + eps)
+                    else:
+                        inv = np.float64(invstd[c])
+                    z = (vals[u] - np.float64(mean[c])) * inv
                     if has_weight:
-                        scale = weight[c] * scale
-                    shift = bias[c] if has_bias else 0.0
-                    y[o, c, i] = (vals[u] - mean[c]) * scale + shift
+                        z = z * np.float64(weight[c])
+                    if has_bias:
+                        z = z + np.float64(bias[c])
+                    if has_residual:
+                        z = z + np.float64(residual[o, c, i])
+                    y[o, c, i] = _activate(z, activation)
                 o, c, i = _advance(o, c, i, step_o, step_c, step_i, channels, inner)
             e += unroll * step
 
-    # ---- backward: sums per (channel, piece), coefficients per channel, then dx --------------
+    # ---- backward: sums per (channel, piece); the last piece's block finishes ----------------
 
-    def backward_partials_channel_major(dy, x, mean, chunk, splits, part):
+    def grad_channel_major(dy, x, y, activation, mean, invstd, weight, has_weight, training,
+                           chunk, splits, part, counter, mode, coef, dgamma, dbeta):
         outer, channels, inner = x.shape
         count = outer * inner
+        pieces = channels * splits
         tid = cuda.threadIdx.x
-        sh_dy = cuda.shared.array(tpb, np.float64)
-        sh_dy_xc = cuda.shared.array(tpb, np.float64)
+        sh_dz = cuda.shared.array(tpb, np.float64)
+        sh_dz_xc = cuda.shared.array(tpb, np.float64)
         sh_xc = cuda.shared.array(tpb, np.float64)
+        sh_last = cuda.shared.array(1, np.int32)
         g_vals = cuda.local.array(unroll, np.float64)
         x_vals = cuda.local.array(unroll, np.float64)
         step_o = tpb // inner
         step_i = tpb - step_o * inner
-        for item in range(cuda.blockIdx.x, channels * splits, cuda.gridDim.x):
+        for item in range(cuda.blockIdx.x, pieces, cuda.gridDim.x):
             c = item // splits
             start = (item - c * splits) * chunk
             end = min(start + chunk, count)
-            mu = mean[c]
-            s_dy = 0.0
-            s_dy_xc = 0.0
+            mu = np.float64(mean[c])
+            s_dz = 0.0
+            s_dz_xc = 0.0
             s_xc = 0.0
             e = start + tid
             o = e // inner
@@ -450,7 +643,8 @@ def kernel_functions(tpb, unroll):
             while e < end:
                 for u in range(unroll):
                     if e + u * tpb < end:
-                        g_vals[u] = np.float64(dy[o, c, i])
+                        g_vals[u] = _activation_grad(np.float64(dy[o, c, i]),
+                                                     np.float64(y[o, c, i]), activation)
                         x_vals[u] = np.float64(x[o, c, i])
                     o += step_o
                     i += step_i
@@ -460,31 +654,64 @@ def kernel_functions(tpb, unroll):
                 for u in range(unroll):
                     if e + u * tpb < end:
                         xc = x_vals[u] - mu
-                        s_dy += g_vals[u]
-                        s_dy_xc += g_vals[u] * xc
+                        s_dz += g_vals[u]
+                        s_dz_xc += g_vals[u] * xc
                         s_xc += xc
                 e += unroll * tpb
-            sh_dy[tid] = s_dy
-            sh_dy_xc[tid] = s_dy_xc
+            sh_dz[tid] = s_dz
+            sh_dz_xc[tid] = s_dz_xc
             sh_xc[tid] = s_xc
             cuda.syncthreads()
-            _block_sum3(sh_dy, sh_dy_xc, sh_xc, tid, 1, tpb)
-            if tid == 0:
-                part[0, item] = sh_dy[0]
-                part[1, item] = sh_dy_xc[0]
-                part[2, item] = sh_xc[0]
+            _block_sum3(sh_dz, sh_dz_xc, sh_xc, tid, 1, tpb)
+            if splits == 1:
+                if tid == 0:
+                    _finish_grad(c, sh_dz[0], sh_dz_xc[0], sh_xc[0], np.float64(count), mode,
+                                 mean, invstd, weight, has_weight, training, coef, dgamma,
+                                 dbeta)
+            else:
+                if tid == 0:
+                    part[item] = sh_dz[0]
+                    part[pieces + item] = sh_dz_xc[0]
+                    part[2 * pieces + item] = sh_xc[0]
+                    cuda.threadfence()
+                    sh_last[0] = cuda.atomic.add(counter, c, 1) == splits - 1
+                cuda.syncthreads()
+                if sh_last[0]:
+                    cuda.threadfence()
+                    a = 0.0
+                    b = 0.0
+                    d = 0.0
+                    for s in range(tid, splits, tpb):
+                        w = c * splits + s
+                        a += _coherent_load(part, w)
+                        b += _coherent_load(part, pieces + w)
+                        d += _coherent_load(part, 2 * pieces + w)
+                    sh_dz[tid] = a
+                    sh_dz_xc[tid] = b
+                    sh_xc[tid] = d
+                    cuda.syncthreads()
+                    _block_sum3(sh_dz, sh_dz_xc, sh_xc, tid, 1, tpb)
+                    if tid == 0:
+                        counter[c] = 0
+                        _finish_grad(c, sh_dz[0], sh_dz_xc[0], sh_xc[0], np.float64(count),
+                                     mode, mean, invstd, weight, has_weight, training, coef,
+                                     dgamma, dbeta)
             cuda.syncthreads()
 
-    def backward_partials_channels_last(dy, x, mean, tile, rows_per_split, splits, part):
+    def grad_channels_last(dy, x, y, activation, mean, invstd, weight, has_weight, training,
+                           tile, rows_per_split, splits, part, counter, mode, coef, dgamma,
+                           dbeta):
         rows, channels = x.shape[0], x.shape[1]
+        pieces = channels * splits
         tid = cuda.threadIdx.x
         lane = tid % tile
         row0 = tid // tile
         row_threads = tpb // tile
         tiles = (channels + tile - 1) // tile
-        sh_dy = cuda.shared.array(tpb, np.float64)
-        sh_dy_xc = cuda.shared.array(tpb, np.float64)
+        sh_dz = cuda.shared.array(tpb, np.float64)
+        sh_dz_xc = cuda.shared.array(tpb, np.float64)
         sh_xc = cuda.shared.array(tpb, np.float64)
+        sh_last = cuda.shared.array(1, np.int32)
         g_vals = cuda.local.array(unroll, np.float64)
         x_vals = cuda.local.array(unroll, np.float64)
         for item in range(cuda.blockIdx.x, tiles * splits, cuda.gridDim.x):
@@ -493,81 +720,74 @@ def kernel_functions(tpb, unroll):
             c = t * tile + lane
             r = s * rows_per_split + row0
             end = min((s + 1) * rows_per_split, rows)
-            s_dy = 0.0
-            s_dy_xc = 0.0
+            s_dz = 0.0
+            s_dz_xc = 0.0
             s_xc = 0.0
             if c < channels:
-                mu = mean[c]
+                mu = np.float64(mean[c])
                 while r < end:
                     for u in range(unroll):
                         if r + u * row_threads < end:
-                            g_vals[u] = np.float64(dy[r + u * row_threads, c, 0])
-                            x_vals[u] = np.float64(x[r + u * row_threads, c, 0])
+                            q = r + u * row_threads
+                            g_vals[u] = _activation_grad(np.float64(dy[q, c, 0]),
+                                                         np.float64(y[q, c, 0]), activation)
+                            x_vals[u] = np.float64(x[q, c, 0])
                     for u in range(unroll):
                         if r + u * row_threads < end:
                             xc = x_vals[u] - mu
-                            s_dy += g_vals[u]
-                            s_dy_xc += g_vals[u] * xc
+                            s_dz += g_vals[u]
+                            s_dz_xc += g_vals[u] * xc
                             s_xc += xc
                     r += unroll * row_threads
-            sh_dy[tid] = s_dy
-            sh_dy_xc[tid] = s_dy_xc
+            sh_dz[tid] = s_dz
+            sh_dz_xc[tid] = s_dz_xc
             sh_xc[tid] = s_xc
             cuda.syncthreads()
-            _block_sum3(sh_dy, sh_dy_xc, sh_xc, tid, tile, row_threads)
-            if row0 == 0 and c < channels:
-                w = c * splits + s
-                part[0, w] = sh_dy[lane]
-                part[1, w] = sh_dy_xc[lane]
-                part[2, w] = sh_xc[lane]
+            _block_sum3(sh_dz, sh_dz_xc, sh_xc, tid, tile, row_threads)
+            if splits == 1:
+                if row0 == 0 and c < channels:
+                    _finish_grad(c, sh_dz[lane], sh_dz_xc[lane], sh_xc[lane], np.float64(rows),
+                                 mode, mean, invstd, weight, has_weight, training, coef, dgamma,
+                                 dbeta)
+            else:
+                if row0 == 0 and c < channels:
+                    w = c * splits + s
+                    part[w] = sh_dz[lane]
+                    part[pieces + w] = sh_dz_xc[lane]
+                    part[2 * pieces + w] = sh_xc[lane]
+                    cuda.threadfence()
+                cuda.syncthreads()
+                if tid == 0:
+                    sh_last[0] = cuda.atomic.add(counter, t, 1) == splits - 1
+                cuda.syncthreads()
+                if sh_last[0]:
+                    cuda.threadfence()
+                    a = 0.0
+                    b = 0.0
+                    d = 0.0
+                    if c < channels:
+                        for p in range(row0, splits, row_threads):
+                            w = c * splits + p
+                            a += _coherent_load(part, w)
+                            b += _coherent_load(part, pieces + w)
+                            d += _coherent_load(part, 2 * pieces + w)
+                    sh_dz[tid] = a
+                    sh_dz_xc[tid] = b
+                    sh_xc[tid] = d
+                    cuda.syncthreads()
+                    _block_sum3(sh_dz, sh_dz_xc, sh_xc, tid, tile, row_threads)
+                    if tid == 0:
+                        counter[t] = 0
+                    if row0 == 0 and c < channels:
+                        _finish_grad(c, sh_dz[lane], sh_dz_xc[lane], sh_xc[lane],
+                                     np.float64(rows), mode, mean, invstd, weight, has_weight,
+                                     training, coef, dgamma, dbeta)
             cuda.syncthreads()
 
-    def finalize_backward(part, splits, count, mean, invstd, weight, has_weight, training,
-                          sum_dy, sum_dy_xhat, coef):
-        """Per channel: dbeta, dgamma and the dx coefficients (mu, a, mean_dy, b) of
-        dx = a * (dy - mean_dy - (x - mu) * b)."""
-        channels = mean.shape[0]
-        tid = cuda.threadIdx.x
-        sh_dy = cuda.shared.array(tpb, np.float64)
-        sh_dy_xc = cuda.shared.array(tpb, np.float64)
-        sh_xc = cuda.shared.array(tpb, np.float64)
-        for c in range(cuda.blockIdx.x, channels, cuda.gridDim.x):
-            a = 0.0
-            b = 0.0
-            d = 0.0
-            for s in range(tid, splits, tpb):
-                w = c * splits + s
-                a += part[0, w]
-                b += part[1, w]
-                d += part[2, w]
-            sh_dy[tid] = a
-            sh_dy_xc[tid] = b
-            sh_xc[tid] = d
-            cuda.syncthreads()
-            _block_sum3(sh_dy, sh_dy_xc, sh_xc, tid, 1, tpb)
-            if tid == 0:
-                s_dy = sh_dy[0]
-                s_dy_xc = sh_dy_xc[0]
-                mu = mean[c]
-                if training:
-                    # re-centre on the exact batch mean (the saved mean may be rounded)
-                    shift = sh_xc[0] / count
-                    mu += shift
-                    s_dy_xc -= shift * s_dy
-                sum_dy[c] = s_dy
-                sum_dy_xhat[c] = s_dy_xc * invstd[c]
-                gamma = weight[c] if has_weight else 1.0
-                coef[0, c] = mu
-                coef[1, c] = gamma * invstd[c]
-                if training:
-                    coef[2, c] = s_dy / count
-                    coef[3, c] = invstd[c] * invstd[c] * s_dy_xc / count
-                else:
-                    coef[2, c] = 0.0
-                    coef[3, c] = 0.0
-            cuda.syncthreads()
-
-    def backward_apply(dy, x, coef, training, dx):
+    def grad_apply(dy, x, y, activation, mu, scale, mean_dz, b, training, dx, dresidual,
+                   has_dresidual):
+        """dx = scale (dz - mean_dz - (x - mu) b) (training) or scale dz, per channel; dz is dy
+        through the activation (recovered from y); dresidual = dz when asked."""
         outer, channels, inner = x.shape
         size = outer * channels * inner
         g_vals = cuda.local.array(unroll, np.float64)
@@ -580,44 +800,31 @@ def kernel_functions(tpb, unroll):
             lo, lc, li = o, c, i
             for u in range(unroll):
                 if e + u * step < size:
-                    g_vals[u] = np.float64(dy[lo, lc, li])
-                    if training:      # eval: dx = a * dy does not read x
+                    g_vals[u] = _activation_grad(np.float64(dy[lo, lc, li]),
+                                                 np.float64(y[lo, lc, li]), activation)
+                    if training:      # eval: dx = scale dz does not read x
                         x_vals[u] = np.float64(x[lo, lc, li])
                 lo, lc, li = _advance(lo, lc, li, step_o, step_c, step_i, channels, inner)
             for u in range(unroll):
                 if e + u * step < size:
                     if training:
-                        dx[o, c, i] = coef[1, c] * (g_vals[u] - coef[2, c]
-                                                    - (x_vals[u] - coef[0, c]) * coef[3, c])
+                        dx[o, c, i] = np.float64(scale[c]) * (
+                            g_vals[u] - np.float64(mean_dz[c])
+                            - (x_vals[u] - np.float64(mu[c])) * np.float64(b[c]))
                     else:
-                        dx[o, c, i] = coef[1, c] * g_vals[u]
+                        dx[o, c, i] = np.float64(scale[c]) * g_vals[u]
+                    if has_dresidual:
+                        dresidual[o, c, i] = g_vals[u]
                 o, c, i = _advance(o, c, i, step_o, step_c, step_i, channels, inner)
             e += unroll * step
 
-    # ---- per-channel vectors -----------------------------------------------------------------
+    # ---- per channel -------------------------------------------------------------------------
 
-    def cast_copy(src, dst):
-        for c in range(cuda.grid(1), dst.shape[0], cuda.gridsize(1)):
-            dst[c] = src[c]
-
-    def invstd_from_var(var, eps, out):
-        for c in range(cuda.grid(1), out.shape[0], cuda.gridsize(1)):
-            out[c] = 1.0 / math.sqrt(var[c] + eps)
-
-    def var_from_m2(m2, count, out):
-        for c in range(cuda.grid(1), out.shape[0], cuda.gridsize(1)):
-            out[c] = m2[c] / count
-
-    def update_running_stats(running_mean, running_var, mean, var, momentum, unbias, skipped):
+    def update_running_stats(running_mean, running_var, mean, var, momentum, unbias,
+                             limit_mean, limit_var, flags):
         for c in range(cuda.grid(1), mean.shape[0], cuda.gridsize(1)):
-            if math.isfinite(mean[c]) and math.isfinite(var[c]):
-                running_mean[c] = (1.0 - momentum) * np.float64(running_mean[c]) \
-                    + momentum * mean[c]
-                running_var[c] = (1.0 - momentum) * np.float64(running_var[c]) \
-                    + momentum * (var[c] * unbias)
-                skipped[c] = 0
-            else:
-                skipped[c] = 1
+            _update_running(c, running_mean, running_var, np.float64(mean[c]),
+                            np.float64(var[c]), momentum, unbias, limit_mean, limit_var, flags)
 
     # ---- layout copies (arrays whose axes do not merge into the canonical view) --------------
 
@@ -644,20 +851,24 @@ def kernel_functions(tpb, unroll):
             dst[i0, i1, i2, i3, i4, i5, i6, i7] = src[i0, i1, i2, i3, i4, i5, i6, i7]
 
     return dict(
-        moments_partials_channel_major=moments_partials_channel_major,
-        moments_partials_channels_last=moments_partials_channels_last,
-        finalize_moments=finalize_moments,
+        stats_channel_major=stats_channel_major,
+        stats_channels_last=stats_channels_last,
         normalize=normalize,
-        backward_partials_channel_major=backward_partials_channel_major,
-        backward_partials_channels_last=backward_partials_channels_last,
-        finalize_backward=finalize_backward,
-        backward_apply=backward_apply,
-        cast_copy=cast_copy,
-        invstd_from_var=invstd_from_var,
-        var_from_m2=var_from_m2,
+        grad_channel_major=grad_channel_major,
+        grad_channels_last=grad_channels_last,
+        grad_apply=grad_apply,
         update_running_stats=update_running_stats,
         strided_copy=strided_copy,
     )
+
+
+#: (operation, regime) -> the reduction kernel; regime "channels_last" is inner == 1.
+REDUCTIONS = {
+    ("stats", "channel_major"): "stats_channel_major",
+    ("stats", "channels_last"): "stats_channels_last",
+    ("grad", "channel_major"): "grad_channel_major",
+    ("grad", "channels_last"): "grad_channels_last",
+}
 
 
 @functools.lru_cache(maxsize=None)
@@ -665,24 +876,230 @@ def _kernels(tpb, unroll):
     return SimpleNamespace(**{key: _jit(fn) for key, fn in kernel_functions(tpb, unroll).items()})
 
 
-def _launch(settings, kernel_name, blocks, *args):
-    """Launch one kernel (nothing to do for an empty grid)."""
+# ----------------------------------------------------------------------------------------------
+# the call: launch stream, array library (per public call, set by the API)
+
+class _Call:
+    """What one public call's arguments said: the stream to launch on and the array library
+    its outputs come from."""
+    __slots__ = ("stream", "named_stream", "library", "library_arg", "like")
+
+    def __init__(self, stream=None):
+        self.stream = stream              # the stream= argument (None: not given)
+        self.named_stream = None          # the first stream an input named
+        self.library = None               # "torch", "cupy", ... of the first foreign argument
+        self.library_arg = None
+        self.like = None                  # that argument (allocation follows its device)
+
+
+_call = contextvars.ContextVar("fastbn_cuda_call", default=None)
+
+
+@contextlib.contextmanager
+def call_scope(stream=None):
+    """One public call. Inside it every launch goes to ``stream`` (a numba, PyTorch or CuPy
+    stream, or an integer handle; None: the stream the inputs name, else the default stream),
+    ``asarray`` checks that the arguments come from one array library and ``empty`` allocates
+    from it. The API wraps validation, allocation and the backend call in one scope; outside
+    any scope, launches go to the default stream and outputs are numba arrays."""
+    if stream is not None:
+        stream = _as_stream(stream)           # a bad stream= fails before anything runs
+    token = _call.set(_Call(stream))
+    try:
+        yield
+    finally:
+        _call.reset(token)
+
+
+class _SimulatedStream:
+    """An integer stream handle under the simulator, which has no external streams."""
+
+    def __init__(self, handle):
+        self.handle = handle
+
+    def synchronize(self):
+        pass
+
+    def __repr__(self):
+        return f"<simulated stream {self.handle}>"
+
+
+_external_streams = {}
+
+
+def _as_stream(stream):
+    """A numba stream for a numba stream or an integer handle (0: the default stream)."""
+    if isinstance(stream, (bool, np.bool_)):
+        raise TypeError(f"stream: expected a numba stream or an integer handle, got {stream!r}")
+    if isinstance(stream, (int, np.integer)):
+        handle = int(stream)
+        if handle == 0:
+            return _default_stream()
+        found = _external_streams.get(handle)
+        if found is None:
+            found = _SimulatedStream(handle) if SIMULATOR else _external_stream(handle)
+            _external_streams[handle] = found
+        return found
+    if hasattr(stream, "synchronize") or hasattr(stream, "__cuda_stream__"):
+        if not SIMULATOR and not hasattr(stream, "handle"):     # e.g. a torch or cupy stream
+            return _as_stream(_stream_handle(stream))
+        return stream
+    raise TypeError(f"stream: expected a numba stream or an integer handle, got "
+                    f"{type(stream).__name__}")
+
+
+def _stream_handle(stream):
+    """The integer handle of a numba, PyTorch or CuPy stream object."""
+    for attribute in ("cuda_stream", "ptr"):
+        if hasattr(stream, attribute):
+            return int(getattr(stream, attribute))
+    if hasattr(stream, "__cuda_stream__"):
+        return int(stream.__cuda_stream__()[1])
+    return int(stream)
+
+
+def _named_stream(a):
+    """The stream an input names, or None: PyTorch's current stream for its device, the v3
+    ``__cuda_array_interface__`` 'stream' (1: legacy default, 2: per-thread default), or the
+    stream a numba array is bound to."""
+    if _is_numba_device_array(a):
+        stream = getattr(a, "stream", 0)
+        return stream if stream not in (0, None) else None
+    module = type(a).__module__
+    if module.startswith("torch"):
+        torch = sys.modules["torch"]
+        return _as_stream(int(torch.cuda.current_stream(a.device).cuda_stream))
+    iface = getattr(a, "__cuda_array_interface__", None)
+    handle = iface.get("stream") if isinstance(iface, dict) else None
+    return None if handle is None else _as_stream(int(handle))
+
+
+def current_stream(arrays=(), stream=None):
+    """The stream to launch on: ``stream`` (a numba stream or an integer handle), else the
+    current call's ``stream=``, else the first stream an input of the call named (see
+    ``_named_stream``; ``arrays`` are asked too), else numba's default stream."""
+    call = _call.get()
+    if stream is None and call is not None:
+        stream = call.stream
+    if stream is not None:
+        return _as_stream(stream)
+    if call is not None and call.named_stream is not None:
+        return call.named_stream
+    for a in arrays:
+        if a is not None:
+            named = _named_stream(a)
+            if named is not None:
+                return named
+    return _default_stream()
+
+
+def _stream_key(stream):
+    if SIMULATOR:       # the simulator runs every launch to completion: one scratch set
+        return 0
+    return int(stream)
+
+
+# ----------------------------------------------------------------------------------------------
+# scratch: partials, counters, float64 statistics and coefficients, cached per device, stream
+# and (power-of-two) size; counters are zeroed once, and every kernel leaves them at zero
+
+_scratch_cache = {}
+_scratch_lock = threading.Lock()
+
+
+def _device_id():
+    if SIMULATOR:
+        return 0
+    return cuda.current_context().device.id
+
+
+def _scratch(kind, size, dtype, stream):
+    size = _next_power_of_two(max(int(size), 1))
+    key = (_device_id(), _stream_key(stream), kind, size, np.dtype(dtype).str)
+    found = _scratch_cache.get(key)
+    if found is None:
+        with _scratch_lock:
+            found = _scratch_cache.get(key)
+            if found is None:
+                if kind == "counter":       # zero once (a copy at creation, not per call)
+                    found = _to_device(np.zeros(size, dtype), stream=stream)
+                else:
+                    found = _device_array(size, dtype=np.dtype(dtype), stream=stream)
+                _scratch_cache[key] = found
+    return found
+
+
+def _scratch2(kind, rows, channels, stream):
+    """A (rows, channels) float64 C-contiguous view of a cached buffer."""
+    flat = _scratch(kind, rows * channels, np.float64, stream)
+    return flat[:rows * channels].reshape(rows, channels)
+
+
+# ----------------------------------------------------------------------------------------------
+# launching
+
+_launch_hooks = []          # tests: functions called with (kernel name, blocks, stream, args)
+
+
+def _launch(settings, kernel_name, blocks, stream, *args):
+    """Launch one kernel on ``stream`` (nothing to do for an empty grid)."""
     if blocks <= 0:
         return
     blocks = max(blocks, settings.min_blocks)
     kernel = getattr(_kernels(settings.tpb, settings.unroll), kernel_name)
+    for hook in _launch_hooks:
+        hook(kernel_name, blocks, stream, args)
     with _simulator_lock:
-        kernel[blocks, settings.tpb](*args)
-
-
-def _launch_vector(kernel_name, n, *args):
-    """Launch a per-channel kernel over n channels."""
-    settings = _settings()
-    _launch(settings, kernel_name, min(_cdiv(n, settings.tpb), settings.max_blocks), *args)
+        try:
+            kernel[blocks, settings.tpb, stream](*args)
+        except BaseException:
+            # a failed kernel may leave counters non-zero: drop this stream's scratch
+            key = _stream_key(stream)
+            for k in [k for k in _scratch_cache if k[1] == key]:
+                del _scratch_cache[k]
+            raise
 
 
 # ----------------------------------------------------------------------------------------------
-# array helpers (the same names as in _host.py); arrays are numba device arrays
+# the non-finite record (the device path's stand-in for the CPU's warning)
+
+_records = threading.local()
+
+
+def _record_nonfinite(flags, channels, stream):
+    _records.last = (flags, channels, stream)
+
+
+def nonfinite_channels():
+    """The channels that the most recent running-statistics update issued by this thread left
+    unchanged because their new values would not be finite (in the running statistics' dtype),
+    as a NumPy int array (empty when there were none, or no update yet). This waits for that
+    update to finish (it copies C bytes to the host): call it when you want to know, not in
+    every step. ``fastbn.cuda.nonfinite_channels`` is the public name."""
+    last = getattr(_records, "last", None)
+    if last is None:
+        return np.zeros(0, np.intp)
+    flags, channels, stream = last
+    host = np.empty(channels, np.uint8)
+    if channels:
+        if SIMULATOR:
+            host = flags[:channels].copy_to_host()
+        else:
+            flags[:channels].copy_to_host(host, stream=stream)
+            stream.synchronize()
+    return np.flatnonzero(host)
+
+
+def _limit(dtype):
+    """|v| below this rounds to a finite value of ``dtype`` (round to nearest even)."""
+    info = np.finfo(dtype)
+    if info.dtype == np.float64:
+        return math.inf
+    return float(info.max) + 2.0 ** (int(info.maxexp) - int(info.nmant) - 2)
+
+
+# ----------------------------------------------------------------------------------------------
+# array helpers (the contract's HELPERS); kernels see numba device arrays
 
 _COPY_RANK = 8
 
@@ -691,19 +1108,140 @@ def _is_numba_device_array(a):
     return bool(getattr(type(a), "__cuda_ndarray__", False))
 
 
-def asarray(a, name):
-    """A numba device array viewing ``a``'s memory (CuPy, PyTorch, numba: no copy)."""
+def _library(a):
+    """The array library of a device array: "numba", "torch", "cupy", or its top module."""
+    if _is_numba_device_array(a):
+        return "numba"
+    return type(a).__module__.partition(".")[0]
+
+
+def _simulated_interface_array(a):
+    """Under the simulator, device memory is host memory: view an object exporting
+    ``__cuda_array_interface__`` (a test's stand-in for CuPy/PyTorch) as a simulator array."""
+    iface = dict(a.__cuda_array_interface__)
+    holder = SimpleNamespace(__array_interface__=dict(
+        shape=tuple(iface["shape"]), typestr=iface["typestr"], data=tuple(iface["data"]),
+        strides=iface.get("strides"), version=3))
+    return _FakeCUDAArray(np.asarray(holder))
+
+
+def _numba(a, name="array"):
+    """A numba device array viewing a's memory (no copy, no host wait)."""
     if _is_numba_device_array(a):
         return a
-    if not SIMULATOR and hasattr(a, "__cuda_array_interface__"):
+    if hasattr(a, "__cuda_array_interface__"):
         try:
-            return _as_cuda_array(a)
+            if SIMULATOR:
+                return _simulated_interface_array(a)
+            return _as_cuda_array(a, sync=False)
         except Exception as exc:  # noqa: BLE001 - report what numba refused
             raise TypeError(f"{name}: could not use {type(a).__name__} as a CUDA array "
                             f"({exc})") from None
     raise TypeError(f"{name}: got a host array ({type(a).__name__}) while other arguments are "
                     f"CUDA device arrays; pass every array on the device (numba.cuda.to_device, "
                     f"cupy.asarray, tensor.cuda()) or every array on the host (NumPy)")
+
+
+def asarray(a, name):
+    """A numba device array viewing ``a``'s memory (CuPy, PyTorch, numba: no copy, imported
+    with ``sync=False``: ordering is kept by launching on the stream the inputs name).
+
+    Records the call's array library (outputs come from it) and the first stream an input
+    names; arrays from two different foreign libraries in one call are a TypeError naming both
+    arguments. numba device arrays mix with any library."""
+    array = _numba(a, name)
+    call = _call.get()
+    if call is None:
+        return array
+    library = _library(a)
+    if library != "numba":
+        if call.library is None:
+            call.library, call.library_arg, call.like = library, name, a
+        elif library != call.library:
+            raise TypeError(f"{name}: got a {library} array while {call.library_arg} is a "
+                            f"{call.library} array; pass the arrays of one call from one "
+                            f"library (or numba device arrays, which mix with any)")
+    if call.named_stream is None and call.stream is None:
+        call.named_stream = _named_stream(a)
+    return array
+
+
+def _torch_dtype(dtype):
+    torch = sys.modules["torch"]
+    return {"float16": torch.float16, "float32": torch.float32, "float64": torch.float64,
+            "uint8": torch.uint8, "int32": torch.int32, "int64": torch.int64}[np.dtype(dtype).name]
+
+
+def _torch_empty(shape, dtype, strides, like):
+    """torch.empty (its caching allocator, stream-ordered) on like's device."""
+    torch = sys.modules["torch"]
+    if strides is None:
+        return torch.empty(tuple(shape), dtype=_torch_dtype(dtype), device=like.device)
+    itemsize = np.dtype(dtype).itemsize
+    return torch.empty_strided(tuple(shape), tuple(s // itemsize for s in strides),
+                               dtype=_torch_dtype(dtype), device=like.device)
+
+
+def _cupy_empty(shape, dtype, strides, like):
+    """cupy.empty (its memory pool) on like's device."""
+    cupy = sys.modules["cupy"]
+    with like.device:
+        if strides is None:
+            return cupy.empty(tuple(shape), dtype=dtype)
+        span = _span(shape, strides, np.dtype(dtype).itemsize)
+        base = cupy.empty(span // np.dtype(dtype).itemsize, dtype=dtype)
+        return cupy.ndarray(tuple(shape), dtype=dtype, memptr=base.data, strides=strides)
+
+
+#: library -> allocate(shape, dtype, strides or None, like) (tests register stand-ins here)
+ALLOCATORS = {"torch": _torch_empty, "cupy": _cupy_empty}
+
+
+def _span(shape, strides, itemsize):
+    return (sum((int(n) - 1) * int(s) for n, s in zip(shape, strides)) + itemsize
+            if all(n > 0 for n in shape) else 0)
+
+
+def _allocate(shape, dtype, strides, like):
+    if like is None:
+        call = _call.get()
+        like = call.like if call is not None else None
+    allocate = ALLOCATORS.get(_library(like)) if like is not None else None
+    if allocate is None:
+        base = _device_array(tuple(shape), dtype=np.dtype(dtype))
+        return base if strides is None else _view(base, shape, strides)
+    return allocate(tuple(shape), np.dtype(dtype), strides, like)
+
+
+def empty(shape, dtype, like=None):
+    """An uninitialized device array from the call's array library (PyTorch in: torch.empty on
+    the input's device; CuPy in: CuPy's pool; otherwise numba). ``like``: the caller's array
+    whose library and device to follow (default: the first foreign argument of the call)."""
+    return _allocate(tuple(shape), dtype, None, like)
+
+
+def empty_like(a, like=None):
+    """Same shape and dtype in a's memory order (as numpy.empty_like(order='K')), from a's
+    library (or like's)."""
+    if like is None and not _is_numba_device_array(a):
+        like = a
+    a = _numba(a)
+    order = sorted(range(a.ndim), key=lambda d: -abs(a.strides[d]))
+    if order == list(range(a.ndim)):
+        return _allocate(a.shape, a.dtype, None, like)
+    dense = [0] * a.ndim
+    step = a.dtype.itemsize
+    for d in reversed(order):
+        dense[d] = step
+        step *= max(int(a.shape[d]), 1)
+    return _allocate(a.shape, a.dtype, tuple(dense), like)
+
+
+def is_writeable(a):
+    if SIMULATOR:
+        return bool(np.asarray(_numba(a)).flags.writeable) and not (
+            hasattr(a, "__cuda_array_interface__") and a.__cuda_array_interface__["data"][1])
+    return not a.__cuda_array_interface__["data"][1]
 
 
 def _pointer(a):
@@ -733,36 +1271,16 @@ def _c_strides(shape, itemsize):
     return tuple(reversed(strides))
 
 
-def empty(shape, dtype):
-    return _device_array(tuple(shape), dtype=np.dtype(dtype))
-
-
-def empty_like(a):
-    """Same shape and dtype in a's memory order (as numpy.empty_like(order='K'))."""
-    order = sorted(range(a.ndim), key=lambda d: -abs(a.strides[d]))
-    base = empty(tuple(a.shape[d] for d in order), a.dtype)
-    if order == list(range(a.ndim)):
-        return base
-    strides = [0] * a.ndim
-    for d, stride in zip(order, base.strides):
-        strides[d] = stride
-    return _view(base, a.shape, strides)
-
-
-def is_writeable(a):
-    if SIMULATOR:
-        return bool(np.asarray(a).flags.writeable)
-    return not a.__cuda_array_interface__["data"][1]
-
-
 def view3(a, shape3, strides3):
-    return _view(a, shape3, strides3)
+    return _view(_numba(a), shape3, strides3)
 
 
-def _extent(a):
-    if a.size == 0:
-        return None
+def byte_bounds(a):
+    """(low, high) device addresses that a may touch (high exclusive; (p, p) when empty)."""
+    a = _numba(a)
     low = high = _pointer(a)
+    if a.size == 0:
+        return low, low
     for n, stride in zip(a.shape, a.strides):
         if stride > 0:
             high += (n - 1) * stride
@@ -771,11 +1289,17 @@ def _extent(a):
     return low, high + a.dtype.itemsize
 
 
-def may_share_memory(a, b):
-    """Whether the memory extents of two device arrays overlap (as numpy.may_share_memory)."""
-    extent_a, extent_b = _extent(a), _extent(b)
-    return (extent_a is not None and extent_b is not None
-            and extent_a[0] < extent_b[1] and extent_b[0] < extent_a[1])
+def shares_memory(a, b):
+    """Whether the memory extents of two device arrays overlap (conservative: interleaved
+    views of one buffer count as overlapping)."""
+    if _numba(a).size == 0 or _numba(b).size == 0:
+        return False
+    low_a, high_a = byte_bounds(a)
+    low_b, high_b = byte_bounds(b)
+    return low_a < high_b and low_b < high_a
+
+
+may_share_memory = shares_memory
 
 
 def _copy_strided(src, dst, shape, src_strides, dst_strides):
@@ -796,13 +1320,16 @@ def _copy_strided(src, dst, shape, src_strides, dst_strides):
     shape8 = tuple(n for n, _, _ in merged)
     settings = _settings()
     _launch(settings, "strided_copy", _elementwise_blocks(math.prod(shape8), settings),
+            current_stream((src, dst)),
             _view(src, shape8, tuple(s for _, s, _ in merged)),
             _view(dst, shape8, tuple(d for _, _, d in merged)))
 
 
 def gather3(a, perm, shape3):
-    """Contiguous (outer, C, inner) copy of a device array whose axes do not merge into a view."""
-    out = empty(shape3, a.dtype)
+    """Contiguous (outer, C, inner) copy of a device array whose axes do not merge into a view
+    (a numba scratch copy: the caller never sees it)."""
+    a = _numba(a)
+    out = _device_array(tuple(shape3), dtype=a.dtype)
     shape = tuple(a.shape[p] for p in perm)
     _copy_strided(a, out, shape, tuple(a.strides[p] for p in perm),
                   _c_strides(shape, a.dtype.itemsize))
@@ -811,176 +1338,238 @@ def gather3(a, perm, shape3):
 
 def scatter3(dst, src3, perm):
     """Write a contiguous (outer, C, inner) result into dst (the inverse of gather3)."""
+    dst = _numba(dst)
     shape = tuple(dst.shape[p] for p in perm)
     _copy_strided(src3, dst, shape, _c_strides(shape, src3.dtype.itemsize),
                   tuple(dst.strides[p] for p in perm))
 
 
-def copyto(dst, src):
-    """dst[:] = src for (C,) vectors, casting to dst's dtype."""
-    _launch_vector("cast_copy", dst.shape[0], src, dst)
-
-
-def to_float64(a):
-    """A contiguous float64 copy of a (C,) vector (a itself when it already is one)."""
-    if a.dtype == np.float64 and a.is_c_contiguous():
-        return a
-    out = empty(a.shape, np.float64)
-    copyto(out, a)
-    return out
-
-
 def to_host(a):
-    return a if isinstance(a, np.ndarray) else a.copy_to_host()
+    """A NumPy array with a's values (waits for the copy)."""
+    if isinstance(a, np.ndarray):
+        return a
+    return _numba(a).copy_to_host()
 
 
 def to_device(a):
-    return _to_device(np.ascontiguousarray(a))
-
-
-def invstd_from_var(var, eps):
-    out = empty(var.shape, np.float64)
-    _launch_vector("invstd_from_var", var.shape[0], var, float(eps), out)
-    return out
-
-
-def var_from_m2(m2, count):
-    out = empty(m2.shape, np.float64)
-    _launch_vector("var_from_m2", m2.shape[0], m2, float(count), out)
-    return out
-
-
-def update_running_stats(running_mean, running_var, mean, var, count, momentum, eps):
-    """r = (1-momentum) r + momentum * batch (unbiased variance) on the device; returns (on the
-    host) the channels left unchanged because their batch statistics are not finite."""
-    channels = mean.shape[0]
-    if channels == 0:
-        return np.zeros(0, np.intp)
-    skipped = empty((channels,), np.uint8)
-    _launch_vector("update_running_stats", channels, running_mean, running_var, mean, var,
-                   float(momentum), count / (count - 1), skipped)
-    return np.flatnonzero(skipped.copy_to_host())
+    """a's values in device memory (a numba array; device arrays are returned as they are)."""
+    if is_device_array(a):
+        return _numba(a)
+    return _to_device(np.ascontiguousarray(a), stream=current_stream())
 
 
 # ----------------------------------------------------------------------------------------------
-# operations (the same names in every backend)
+# operations (the contract's OPERATIONS, reference.py's semantics)
 
-def _nan_vector(channels):
-    return to_device(np.full(channels, np.nan))
+def _vector_or(v, fallback):
+    """(array, present): a stand-in of a fixed type for a missing per-channel vector, so that
+    the kernels compile once per dtype combination, not per None pattern."""
+    return (fallback, False) if v is None else (v, True)
 
 
-def _moment_partials(settings, x3):
+def _reduce_stats(x3, mode, out_a, out_b, stat=None, eps=1.0, running_mean=None,
+                  running_var=None, momentum=0.0):
+    """One launch: the statistics kernel of x3's regime, finishing per channel as ``mode``."""
     outer, channels, inner = x3.shape
+    if channels == 0:
+        return None
+    settings = _settings()
+    stream = current_stream((x3,))
+    count = outer * inner
+    has_running = running_mean is not None
+    flags = _scratch("flags", channels, np.uint8, stream) if has_running else \
+        _scratch("flags", 1, np.uint8, stream)
+    if stat is None:          # not written: a stand-in of the type forward_train passes
+        stat = _scratch2("stat", 2, channels, stream)
+    if not has_running:
+        running_mean = running_var = out_a
+    unbias = count / (count - 1) if count > 1 else math.inf
+    limits = (_limit(running_mean.dtype), _limit(running_var.dtype))
     if inner == 1:
         tile, splits, rows_per_split, blocks = plan_channels_last(outer, channels, settings)
-        part = empty((3, channels * splits), np.float64)
-        _launch(settings, "moments_partials_channels_last", blocks, x3, tile, rows_per_split,
-                splits, part)
+        part = _scratch("part", 3 * channels * splits, np.float64, stream)
+        counter = _scratch("counter", _cdiv(channels, tile), np.int32, stream)
+        _launch(settings, REDUCTIONS["stats", "channels_last"], blocks, stream, x3, tile,
+                rows_per_split, splits, part, counter, mode, float(eps), out_a, out_b, stat,
+                has_running, running_mean, running_var, float(momentum), float(unbias),
+                *limits, flags)
     else:
         splits, chunk, blocks = plan_channel_major(outer, channels, inner, settings)
-        part = empty((3, channels * splits), np.float64)
-        _launch(settings, "moments_partials_channel_major", blocks, x3, chunk, splits, part)
-    return part, splits
+        part = _scratch("part", 3 * channels * splits, np.float64, stream)
+        counter = _scratch("counter", channels, np.int32, stream)
+        _launch(settings, REDUCTIONS["stats", "channel_major"], blocks, stream, x3, chunk,
+                splits, part, counter, mode, float(eps), out_a, out_b, stat, has_running,
+                running_mean, running_var, float(momentum), float(unbias), *limits, flags)
+    if has_running:
+        _record_nonfinite(flags, channels, stream)
+    return stream
 
 
 def channel_moments(x3):
-    outer, channels, inner = x3.shape
-    if x3.size == 0:
-        return _nan_vector(channels), _nan_vector(channels)
-    settings = _settings()
-    mean, m2 = empty((channels,), np.float64), empty((channels,), np.float64)
-    part, splits = _moment_partials(settings, x3)
-    _launch(settings, "finalize_moments", min(channels, settings.max_blocks), part, splits,
-            float(outer * inner), 1.0, False, mean, m2, mean, m2)
+    """Exact per-channel mean and M2, float64 device arrays (NaN for channels without values)."""
+    x3 = _numba(x3)
+    channels = x3.shape[1]
+    mean = _device_array(channels, dtype=np.float64)
+    m2 = _device_array(channels, dtype=np.float64)
+    _reduce_stats(x3, STATS_CHANNEL_MOMENTS, mean, m2)
     return mean, m2
 
 
-def _normalize(settings, x3, mean, invstd, weight, bias, y3):
-    _launch(settings, "normalize", _elementwise_blocks(x3.size, settings), x3, mean, invstd,
-            mean if weight is None else weight, weight is not None,
-            mean if bias is None else bias, bias is not None, y3)
+def moments(x3, mean, var):
+    """Per-channel mean and biased variance, written in the outputs' dtypes (one launch)."""
+    _reduce_stats(_numba(x3), STATS_MOMENTS, _numba(mean), _numba(var))
 
 
-def forward_train(x3, weight, bias, eps, y3):
-    outer, channels, inner = x3.shape
-    if x3.size == 0:             # no channels (the API asks for 2+ values per channel)
-        return _nan_vector(channels), _nan_vector(channels)
+def _normalize(x3, mean, invstd, from_running, eps, weight, bias, activation, residual3, y3,
+               mean_out=None, invstd_out=None):
     settings = _settings()
-    mean, m2, var, invstd = (empty((channels,), np.float64) for _ in range(4))
-    part, splits = _moment_partials(settings, x3)
-    _launch(settings, "finalize_moments", min(channels, settings.max_blocks), part, splits,
-            float(outer * inner), float(eps), True, mean, m2, var, invstd)
-    _normalize(settings, x3, mean, invstd, weight, bias, y3)
-    return mean, var
+    weight, has_weight = _vector_or(weight, mean)
+    bias, has_bias = _vector_or(bias, mean)
+    residual3, has_residual = _vector_or(residual3, x3)
+    write_stats = mean_out is not None
+    if not write_stats:
+        mean_out, invstd_out = mean, invstd
+    blocks = max(_elementwise_blocks(x3.size, settings),
+                 _cdiv(x3.shape[1], settings.tpb) if write_stats else 0)
+    _launch(settings, "normalize", min(blocks, settings.max_blocks), current_stream((x3,)),
+            x3, mean, invstd, from_running, float(eps), weight, has_weight, bias, has_bias,
+            residual3, has_residual, ACTIVATION_CODES[activation], y3, mean_out, invstd_out,
+            write_stats)
 
 
-def forward_eval(x3, mean, invstd, weight, bias, y3):
+def forward_train(x3, weight, bias, eps, momentum, running_mean, running_var, activation,
+                  residual3, warn, y3, mean, invstd):
+    """Algorithm 1 (+ activation, residual) in two launches: statistics (whose last block per
+    channel writes mean/invstd and updates the running statistics), then normalize.
+
+    ``warn`` is not called (it would need a host wait): channels whose new running statistics
+    would not be finite are left unchanged and recorded on the device (nonfinite_channels())."""
+    x3, y3, mean, invstd = _numba(x3), _numba(y3), _numba(mean), _numba(invstd)
+    weight = None if weight is None else _numba(weight)
+    bias = None if bias is None else _numba(bias)
+    residual3 = None if residual3 is None else _numba(residual3)
+    if running_mean is not None:
+        running_mean, running_var = _numba(running_mean), _numba(running_var)
+    channels = x3.shape[1]
+    if channels == 0:
+        return
+    stream = current_stream((x3,))
+    stat = _scratch2("stat", 2, channels, stream)
+    _reduce_stats(x3, STATS_TRAIN, mean, invstd, stat, eps, running_mean, running_var, momentum)
     if x3.size:
-        _normalize(_settings(), x3, mean, invstd, weight, bias, y3)
+        _normalize(x3, stat[0], stat[1], False, eps, weight, bias, activation, residual3, y3)
 
 
-def backward(dy3, x3, mean, invstd, weight, training, dx3):
+def forward_eval(x3, weight, bias, running_mean, running_var, eps, activation, residual3, y3,
+                 mean, invstd):
+    """Algorithm 2 (+ activation, residual) in one launch, which also writes mean/invstd."""
+    x3, y3, mean, invstd = _numba(x3), _numba(y3), _numba(mean), _numba(invstd)
+    weight = None if weight is None else _numba(weight)
+    bias = None if bias is None else _numba(bias)
+    residual3 = None if residual3 is None else _numba(residual3)
+    _normalize(x3, _numba(running_mean), _numba(running_var), True, eps, weight, bias,
+               activation, residual3, y3, mean, invstd)
+
+
+def _reduce_grad(dy3, x3, y3, activation, mean, invstd, weight, training, mode, coef, dgamma,
+                 dbeta):
+    """One launch: the gradient-sums kernel of x3's regime, finishing per channel as mode."""
     outer, channels, inner = x3.shape
-    if x3.size == 0:
-        zeros = np.zeros(channels)
-        return to_device(zeros), to_device(zeros)
     settings = _settings()
+    stream = current_stream((x3,))
+    weight, has_weight = _vector_or(weight, mean)
     if inner == 1:
         tile, splits, rows_per_split, blocks = plan_channels_last(outer, channels, settings)
-        part = empty((3, channels * splits), np.float64)
-        _launch(settings, "backward_partials_channels_last", blocks, dy3, x3, mean, tile,
-                rows_per_split, splits, part)
+        part = _scratch("part", 3 * channels * splits, np.float64, stream)
+        counter = _scratch("counter", _cdiv(channels, tile), np.int32, stream)
+        _launch(settings, REDUCTIONS["grad", "channels_last"], blocks, stream, dy3, x3, y3,
+                activation, mean, invstd, weight, has_weight, bool(training), tile,
+                rows_per_split, splits, part, counter, mode, coef, dgamma, dbeta)
     else:
         splits, chunk, blocks = plan_channel_major(outer, channels, inner, settings)
-        part = empty((3, channels * splits), np.float64)
-        _launch(settings, "backward_partials_channel_major", blocks, dy3, x3, mean, chunk,
-                splits, part)
-    sum_dy, sum_dy_xhat = empty((channels,), np.float64), empty((channels,), np.float64)
-    coef = empty((4, channels), np.float64)
-    training = bool(training)
-    _launch(settings, "finalize_backward", min(channels, settings.max_blocks), part, splits,
-            float(outer * inner), mean, invstd, mean if weight is None else weight,
-            weight is not None, training, sum_dy, sum_dy_xhat, coef)
-    _launch(settings, "backward_apply", _elementwise_blocks(x3.size, settings), dy3, x3, coef,
-            training, dx3)
-    return sum_dy, sum_dy_xhat
+        part = _scratch("part", 3 * channels * splits, np.float64, stream)
+        counter = _scratch("counter", channels, np.int32, stream)
+        _launch(settings, REDUCTIONS["grad", "channel_major"], blocks, stream, dy3, x3, y3,
+                activation, mean, invstd, weight, has_weight, bool(training), chunk, splits,
+                part, counter, mode, coef, dgamma, dbeta)
 
 
-def _backward_partials(settings, dy3, x3, mean):
-    """(3, C * splits) float64 partials of sum(dy), sum(dy * (x - mean)), sum(x - mean)."""
-    outer, channels, inner = x3.shape
-    if inner == 1:
-        tile, splits, rows_per_split, blocks = plan_channels_last(outer, channels, settings)
-        part = empty((3, channels * splits), np.float64)
-        _launch(settings, "backward_partials_channels_last", blocks, dy3, x3, mean, tile,
-                rows_per_split, splits, part)
-    else:
-        splits, chunk, blocks = plan_channel_major(outer, channels, inner, settings)
-        part = empty((3, channels * splits), np.float64)
-        _launch(settings, "backward_partials_channel_major", blocks, dy3, x3, mean, chunk,
-                splits, part)
-    return part, splits
+def backward(dy3, x3, mean, invstd, weight, training, activation, y3, dx3, dgamma, dbeta,
+             dresidual3):
+    """Gradients in two launches: sums (whose last block per channel writes dgamma, dbeta and
+    the dx coefficients), then dx (and dresidual)."""
+    dy3, x3, dx3 = _numba(dy3), _numba(x3), _numba(dx3)
+    mean, invstd, dgamma, dbeta = _numba(mean), _numba(invstd), _numba(dgamma), _numba(dbeta)
+    weight = None if weight is None else _numba(weight)
+    code = ACTIVATION_CODES[activation]
+    y3 = x3 if y3 is None or code == 0 else _numba(y3)
+    channels = x3.shape[1]
+    if channels == 0:
+        return
+    stream = current_stream((x3,))
+    coef = _scratch2("coef", 4, channels, stream)
+    _reduce_grad(dy3, x3, y3, code, mean, invstd, weight, training, GRAD_BACKWARD, coef, dgamma,
+                 dbeta)
+    if x3.size == 0:
+        return
+    dresidual3, has_dresidual = _vector_or(None if dresidual3 is None else _numba(dresidual3),
+                                           dx3)
+    settings = _settings()
+    _launch(settings, "grad_apply", _elementwise_blocks(x3.size, settings), stream, dy3, x3, y3,
+            code, coef[0], coef[1], coef[2], coef[3], bool(training), dx3, dresidual3,
+            has_dresidual)
 
 
 def backward_reduce(dy3, x3, mean):
-    """Backward's per-channel reductions alone, as host float64 vectors: sum(dy),
-    sum(dy * (x - mean)), sum(x - mean). The synchronized backward (fastbn.distributed) adds
-    them over processes, then calls backward_apply with the global coefficients."""
+    """sum(dy), sum(dy (x - mean)), sum(x - mean) per channel: one launch, then the (3, C)
+    float64 host array the contract asks for (the synchronized backward adds them over
+    processes; this is the one operation that copies to the host)."""
+    dy3, x3, mean = _numba(dy3), _numba(x3), _numba(mean)
     channels = x3.shape[1]
-    if x3.size == 0:
-        return np.zeros(channels), np.zeros(channels), np.zeros(channels)
-    part, splits = _backward_partials(_settings(), dy3, x3, mean)
-    # the partials are small (3 x C x splits); add them on the host in a fixed order
-    sums = to_host(part).reshape(3, channels, splits).sum(axis=2)
-    return sums[0], sums[1], sums[2]
+    if channels == 0:
+        return np.zeros((3, 0))
+    sums = _device_array((3, channels), dtype=np.float64)
+    _reduce_grad(dy3, x3, x3, 0, mean, mean, None, False, GRAD_REDUCE, sums, mean, mean)
+    stream = current_stream((x3,))
+    if SIMULATOR:
+        return sums.copy_to_host()
+    host = np.empty((3, channels))
+    sums.copy_to_host(host, stream=stream)
+    stream.synchronize()
+    return host
+
+
+def _coefficient(v):
+    return _numba(v) if is_device_array(v) else to_device(np.asarray(v, np.float64))
 
 
 def backward_apply(dy3, x3, mean, scale, mean_dy, coef, dx3):
-    """dx = scale * (dy - mean_dy - (x - mean) * coef), with float64 (C,) coefficients."""
+    """dx = scale (dy - mean_dy - (x - mean) coef) with per-channel float64 coefficients (device
+    arrays, or host arrays, which are copied up): one launch."""
+    dy3, x3, dx3 = _numba(dy3), _numba(x3), _numba(dx3)
     if x3.size == 0:
         return
     settings = _settings()
-    coefficients = to_device(np.ascontiguousarray(np.stack(
-        [to_host(v) for v in (mean, scale, mean_dy, coef)]).astype(np.float64)))
-    _launch(settings, "backward_apply", _elementwise_blocks(x3.size, settings), dy3, x3,
-            coefficients, True, dx3)
+    vectors = [_coefficient(v) for v in (mean, scale, mean_dy, coef)]
+    _launch(settings, "grad_apply", _elementwise_blocks(x3.size, settings),
+            current_stream((x3,)), dy3, x3, x3, 0, *vectors, True, dx3, dx3, False)
+
+
+def update_running_stats(running_mean, running_var, mean, var, count, momentum, warn):
+    """r = (1 - momentum) r + momentum * batch (unbiased variance), in one launch; channels
+    whose new values would not be finite in the running dtype are left unchanged and recorded
+    on the device (nonfinite_channels()); ``warn`` is not called (it would need a host wait)."""
+    running_mean, running_var = _numba(running_mean), _numba(running_var)
+    mean, var = _coefficient(mean), _coefficient(var)
+    channels = mean.shape[0]
+    if channels == 0:
+        return
+    settings = _settings()
+    stream = current_stream((running_mean,))
+    flags = _scratch("flags", channels, np.uint8, stream)
+    unbias = count / (count - 1) if count > 1 else math.inf
+    _launch(settings, "update_running_stats",
+            min(_cdiv(channels, settings.tpb), settings.max_blocks), stream, running_mean,
+            running_var, mean, var, float(momentum), float(unbias),
+            _limit(running_mean.dtype), _limit(running_var.dtype), flags)
+    _record_nonfinite(flags, channels, stream)
