@@ -11,8 +11,9 @@ SIZES = st.sampled_from([1, 2, 3, 5, 6, 7, 13, 25])
 
 
 @st.composite
-def bn_cases(draw, min_count=2):
-    """A random (x, gamma, beta, axis, dy) problem with at least min_count values per channel."""
+def bn_cases(draw, min_count=2, param_dtypes=("float64",)):
+    """A random (x, gamma, beta, axis, dy) problem with at least min_count values per channel;
+    gamma and beta are drawn in one of param_dtypes (the kernels read them in their own dtype)."""
     ndim = draw(st.integers(2, 4))
     shape = tuple(draw(SIZES) for _ in range(ndim))
     assume(int(np.prod(shape)) <= 4000)
@@ -25,11 +26,12 @@ def bn_cases(draw, min_count=2):
     offset = draw(st.sampled_from([0.0, 3.0, -40.0]))
     seed = draw(st.integers(0, 2**31 - 1))
     affine = draw(st.booleans())
+    param_dtype = draw(st.sampled_from(param_dtypes))
     rng = np.random.default_rng(seed)
     x = make_array(rng, shape, dtype, layout, scale, offset)
     dy = make_array(rng, shape, dtype, layout, 1.0, 0.0)
-    gamma = rng.uniform(0.5, 2.0, channels) if affine else None
-    beta = rng.standard_normal(channels) if affine else None
+    gamma = rng.uniform(0.5, 2.0, channels).astype(param_dtype) if affine else None
+    beta = rng.standard_normal(channels).astype(param_dtype) if affine else None
     return x, gamma, beta, axis, dy
 
 
@@ -55,3 +57,31 @@ def tolerance(dtype, reference):
     rtol = RTOL[np.dtype(dtype).name]
     scale = float(np.max(np.abs(reference))) if np.size(reference) else 1.0
     return dict(rtol=rtol, atol=rtol * max(scale, 1.0))
+
+
+def values_scale(x, axis):
+    """Per channel 1 + |mean| / std of x: how much centring x cancels (the factor by which
+    rounding errors of the inputs' size grow relative to the normalized values)."""
+    rows = channel_rows(x, axis)
+    std = rows.std(axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return 1.0 + np.where(std > 0, np.abs(rows.mean(axis=1)) / std, np.inf)
+
+
+def channel_rows(a, axis):
+    """a as float64 (C, count): one row per channel."""
+    a = np.moveaxis(np.asarray(a, np.float64), axis, 0)
+    return a.reshape(a.shape[0], -1)
+
+
+def unit_roundoff(dtype):
+    return float(np.finfo(np.dtype(dtype)).eps)
+
+
+def sum_tolerance(terms, reference, stats_dtype):
+    """Per-channel bound for a float64-accumulated sum of `terms` (C, count) rounded to
+    stats_dtype: the output's rounding plus a random walk of count roundings (sqrt(count), not
+    count: a bound linear in count lets a 1% error pass in float16)."""
+    eps = unit_roundoff(stats_dtype)
+    return 16 * eps * (np.abs(np.asarray(reference, np.float64))
+                       + np.sqrt((np.asarray(terms, np.float64) ** 2).sum(axis=1)))
