@@ -46,6 +46,11 @@ def _view(t):
     return t.numpy() if t.device.type == "cpu" else t
 
 
+def _stream(x):
+    """PyTorch's current stream for CUDA tensors (fastbn launches on it); None on the CPU."""
+    return torch.cuda.current_stream(x.device) if x.device.type == "cuda" else None
+
+
 def _activation(name):
     return None if name == "none" else name
 
@@ -96,7 +101,7 @@ def batch_norm_forward(x: torch.Tensor, weight: Optional[torch.Tensor],
     fastbn.batch_norm_forward(_view(x), _view(weight), _view(bias), axis=1, eps=eps,
                               training=training, running_mean=_view(running_mean),
                               running_var=_view(running_var), momentum=momentum,
-                              out=(_view(y), _view(mean), _view(invstd)))
+                              out=(_view(y), _view(mean), _view(invstd)), stream=_stream(x))
     return (y, mean, invstd) + _new_running_stats(x, running_mean, running_var, training)
 
 
@@ -115,7 +120,7 @@ def batch_norm_backward(dy: torch.Tensor, x: torch.Tensor, mean: torch.Tensor,
     dweight, dbias = torch.empty_like(mean), torch.empty_like(mean)
     fastbn.batch_norm_backward(_view(dy), _view(x), _view(mean), _view(invstd), _view(weight),
                                axis=1, training=training,
-                               out=(_view(dx), _view(dweight), _view(dbias)))
+                               out=(_view(dx), _view(dweight), _view(dbias)), stream=_stream(x))
     return dx, dweight, dbias
 
 
@@ -171,7 +176,7 @@ def batch_norm_act_forward(x: torch.Tensor, weight: Optional[torch.Tensor],
                                   axis=1, eps=eps, training=training,
                                   running_mean=_view(running_mean),
                                   running_var=_view(running_var), momentum=momentum,
-                                  out=(_view(y), _view(mean), _view(invstd)))
+                                  out=(_view(y), _view(mean), _view(invstd)), stream=_stream(x))
     return (y, mean, invstd) + _new_running_stats(x, running_mean, running_var, training)
 
 
@@ -197,7 +202,8 @@ def batch_norm_act_backward(dy: torch.Tensor, y: torch.Tensor, x: torch.Tensor,
                                    _view(weight), activation=_activation(activation),
                                    residual=residual, axis=1, training=training,
                                    out=(_view(dx), _view(dweight), _view(dbias),
-                                        _view(dresidual) if residual else None))
+                                        _view(dresidual) if residual else None),
+                                   stream=_stream(x))
     return dx, dweight, dbias, dresidual
 
 
