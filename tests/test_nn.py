@@ -88,6 +88,90 @@ def test_activation_gradients(rng, layer):
     check_gradients(layer, x, rng)
 
 
+# ---------------------------------------------------------------------------------------------
+# BatchNormActivation: BN + sigmoid/ReLU as one fused call (the paper's network uses it)
+
+@pytest.mark.parametrize("activation", ["sigmoid", "relu"])
+@pytest.mark.parametrize("training", [True, False])
+def test_fused_batchnorm_activation_gradients(rng, activation, training):
+    layer = positive_params(nn.BatchNormActivation(5, activation, dtype=F64), rng)
+    layer.running_mean[...] = rng.standard_normal(5) * 0.1
+    layer.running_var[...] = rng.uniform(0.5, 2.0, 5)
+    layer.train(training)
+    layer.momentum = 0.0
+    check_gradients(layer, rng.standard_normal((13, 5)) * 2.0 + 0.5, rng, atol=1e-6)
+
+
+@pytest.mark.parametrize("activation,unfused", [("sigmoid", nn.Sigmoid), ("relu", nn.ReLU)])
+@pytest.mark.parametrize("dtype,rtol", [(F64, 1e-12), (np.float32, 2e-5)])
+def test_fused_layer_equals_batchnorm_then_activation(rng, activation, unfused, dtype, rtol):
+    fused = nn.BatchNormActivation(6, activation, dtype=dtype, momentum=None)
+    plain = nn.Sequential(nn.BatchNorm(6, dtype=dtype, momentum=None), unfused())
+    for module in (fused, plain[0]):
+        module.weight.data[...] = np.linspace(0.5, 1.5, 6)
+        module.bias.data[...] = np.linspace(-0.3, 0.4, 6)
+    for step in range(3):
+        x = (rng.standard_normal((11, 6)) * 3 + step).astype(dtype)
+        dy = rng.standard_normal((11, 6)).astype(dtype)
+        for module in (fused, plain):
+            module.zero_grad()
+        y_fused, y_plain = fused.forward(x), plain.forward(x)
+        assert y_fused.dtype == dtype
+        np.testing.assert_allclose(y_fused, y_plain, rtol=rtol, atol=rtol)
+        np.testing.assert_allclose(fused.backward(dy), plain.backward(dy), rtol=rtol * 10,
+                                   atol=rtol * 10)
+        for a, b in zip(fused.parameters(), plain.parameters()):
+            np.testing.assert_allclose(a.grad, b.grad, rtol=rtol * 10, atol=rtol * 10)
+    for name, value in plain[0].state_dict().items():
+        np.testing.assert_allclose(fused.state_dict()[name], value, rtol=rtol, err_msg=name)
+    fused.eval(), plain.eval()
+    np.testing.assert_allclose(fused.forward(x), plain.forward(x), rtol=rtol, atol=rtol)
+
+
+def test_fused_layer_calls_the_fused_operations(rng, monkeypatch):
+    import fastbn
+    calls = []
+    for name in ("batch_norm_act_forward", "batch_norm_act_backward"):
+        original = getattr(fastbn, name)
+
+        def spy(*args, _original=original, _name=name, **kwargs):
+            calls.append((_name, kwargs["activation"]))
+            return _original(*args, **kwargs)
+        monkeypatch.setattr(fastbn, name, spy)
+    layer = nn.BatchNormActivation(3)
+    layer.backward(layer.forward(rng.standard_normal((5, 3)).astype(np.float32)))
+    assert calls == [("batch_norm_act_forward", "sigmoid"),
+                     ("batch_norm_act_backward", "sigmoid")]
+    assert repr(layer).startswith("BatchNormActivation(3,")
+    assert repr(layer).endswith("activation='sigmoid')")
+    with pytest.raises(ValueError, match="activation: expected one of"):
+        nn.BatchNormActivation(3, "tanh")
+
+
+def test_paper_network_fuses_bn_and_sigmoid(rng):
+    from fastbn.nn import paper
+    model = paper.paper_network(True, seed=3)
+    kinds = [type(layer).__name__ for layer in model.layers]
+    assert kinds == ["Linear", "BatchNormActivation"] * 3 + ["Linear"]
+    assert all(layer.activation == "sigmoid" for layer in model.layers[1::2])
+    assert [type(layer).__name__ for layer in paper.paper_network(False, seed=3).layers] == \
+        ["Linear", "Sigmoid"] * 3 + ["Linear"]
+    # the monitored sigmoid input is the fused layer's BN output
+    x = rng.random((20, 784), dtype=np.float32)
+    model.train()
+    model.forward(x)                                # move the running statistics
+    inputs = paper.sigmoid_inputs(model, x, unit=4)
+    assert model.layers[1].training is True         # sigmoid_inputs restored the modes
+    model.eval()
+    h = x
+    for layer in model.layers[:5]:
+        h = layer.forward(h)
+    last = model.layers[5]
+    expected = ((h - last.running_mean) / np.sqrt(last.running_var + last.eps)
+                * last.weight.data + last.bias.data)[:, 4]
+    np.testing.assert_allclose(inputs, expected, rtol=1e-5, atol=1e-6)
+
+
 def test_sigmoid_is_stable_for_large_inputs():
     with np.errstate(all="raise"):
         y = nn.Sigmoid().forward(np.array([-1e4, -50.0, 0.0, 50.0, 1e4], dtype=np.float32))

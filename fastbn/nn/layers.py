@@ -213,6 +213,7 @@ class BatchNorm(Module):
     """
     _parameter_names = ("weight", "bias")
     _buffer_names = ("running_mean", "running_var", "num_batches_tracked")
+    activation = None   # BatchNormActivation fuses one
 
     def __init__(self, num_features, *, axis=1, eps=1e-5, momentum=0.1, affine=True,
                  dtype=np.float32, backend=None, comm=None):
@@ -256,33 +257,82 @@ class BatchNorm(Module):
             self._population.add(x, self)     # Algorithm 2: record, do not update
         else:
             running = dict(running_mean=self.running_mean, running_var=self.running_var)
-        if self._synchronized(self.training):
+        synchronized = self._synchronized(self.training)
+        if synchronized:
             from fastbn import distributed    # mpi4py is loaded only when a comm is used
-            forward, sync = distributed.batch_norm_forward, {"comm": self.comm}
+            forward, options = distributed.batch_norm_forward, {"comm": self.comm}
+        elif self.activation is None:
+            forward, options = fastbn.batch_norm_forward, {}
         else:
-            forward, sync = fastbn.batch_norm_forward, {}
+            forward, options = fastbn.batch_norm_act_forward, {"activation": self.activation}
         y, mean, invstd = forward(x, gamma, beta, axis=self.axis, eps=self.eps,
-                                  training=self.training, backend=self.backend, **running, **sync)
-        self._saved = (x, mean, invstd, self.training)
+                                  training=self.training, backend=self.backend, **running,
+                                  **options)
+        if synchronized and self.activation is not None:
+            # fastbn.distributed has no fused op: synchronized BN, then the activation here
+            y = ACTIVATIONS[self.activation](_to_host(y))
+        self._saved = (x, y, mean, invstd, self.training)
         if updates_running and _all_finite(mean, invstd):
             self.num_batches_tracked += 1   # only batches that updated the running stats
         return _to_host(y)
 
     def backward(self, dy):
-        x, mean, invstd, training = self._saved
+        x, y, mean, invstd, training = self._saved
         gamma = None if self.weight is None else self.weight.data
         if self._synchronized(training):
             from fastbn import distributed
+            if self.activation is not None:
+                dy = ACTIVATION_GRADS[self.activation](dy, y)
             dx, dgamma, dbeta = distributed.batch_norm_backward(
                 dy, x, mean, invstd, gamma, comm=self.comm, axis=self.axis, backend=self.backend)
-        else:
+        elif self.activation is None:
             dx, dgamma, dbeta = fastbn.batch_norm_backward(
                 dy, x, mean, invstd, gamma, axis=self.axis, training=training,
                 backend=self.backend)
+        else:
+            dx, dgamma, dbeta, _ = fastbn.batch_norm_act_backward(
+                dy, y, x, mean, invstd, gamma, activation=self.activation, axis=self.axis,
+                training=training, backend=self.backend)
         if self.weight is not None:
             self.weight.grad += _to_host(dgamma)
             self.bias.grad += _to_host(dbeta)
         return _to_host(dx)
+
+
+class BatchNormActivation(BatchNorm):
+    """BatchNorm followed by an activation, as one fused layer: y = act(BN(x)) with
+    ``activation`` "sigmoid" (the paper's network) or "relu".
+
+    Forward and backward are single calls of :func:`fastbn.batch_norm_act_forward` and
+    :func:`fastbn.batch_norm_act_backward` (the backward recovers the activation's derivative
+    from y), in the passes of BN alone. Everything else (running statistics, modes, state
+    dicts, ``comm``) is :class:`BatchNorm`'s; with ``comm``, training mode runs the
+    synchronized BN and then the activation separately, as fastbn.distributed has no fused op.
+
+    See Also
+    --------
+    BatchNorm, Sigmoid, ReLU
+    """
+
+    def __init__(self, num_features, activation="sigmoid", **kwargs):
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation: expected one of {sorted(ACTIVATIONS)}, got "
+                             f"{activation!r}")
+        super().__init__(num_features, **kwargs)
+        self.activation = activation
+
+    def __repr__(self):
+        return super().__repr__().replace("BatchNorm(", "BatchNormActivation(", 1)[:-1] + \
+            f", activation={self.activation!r})"
+
+    def normalize(self, x):
+        """BN alone (the activation's input) in eval mode, from the running statistics."""
+        gamma = None if self.weight is None else self.weight.data
+        beta = None if self.bias is None else self.bias.data
+        return _to_host(fastbn.batch_norm_forward(
+            x, gamma, beta, axis=self.axis, eps=self.eps, training=False,
+            running_mean=self.running_mean, running_var=self.running_var,
+            backend=self.backend).y)
 
 
 def _all_finite(*arrays):
@@ -296,26 +346,41 @@ def _to_host(array):
     return array.copy_to_host() if hasattr(array, "copy_to_host") else array
 
 
+def sigmoid(x):
+    """1 / (1 + exp(-x)), computed as (1 + tanh(x/2)) / 2, which cannot overflow."""
+    return 0.5 * (1.0 + np.tanh(0.5 * x))
+
+
+def relu(x):
+    return np.where(x > 0, x, 0).astype(x.dtype, copy=False)
+
+
+#: The activations, and their gradients recovered from the output y (as the fused ops do).
+ACTIVATIONS = {"sigmoid": sigmoid, "relu": relu}
+ACTIVATION_GRADS = {"sigmoid": lambda dy, y: dy * y * (1.0 - y),
+                    "relu": lambda dy, y: np.where(y > 0, dy, 0).astype(dy.dtype, copy=False)}
+
+
 class Sigmoid(Module):
     """y = 1 / (1 + exp(-x)), computed as (1 + tanh(x/2)) / 2, which cannot overflow."""
 
     def forward(self, x):
-        self._y = y = 0.5 * (1.0 + np.tanh(0.5 * x))
+        self._y = y = sigmoid(x)
         return y
 
     def backward(self, dy):
-        return dy * self._y * (1.0 - self._y)
+        return ACTIVATION_GRADS["sigmoid"](dy, self._y)
 
 
 class ReLU(Module):
     """y = max(x, 0)."""
 
     def forward(self, x):
-        self._positive = x > 0
-        return np.where(self._positive, x, 0).astype(x.dtype, copy=False)
+        self._y = y = relu(x)
+        return y
 
     def backward(self, dy):
-        return np.where(self._positive, dy, 0).astype(dy.dtype, copy=False)
+        return ACTIVATION_GRADS["relu"](dy, self._y)
 
 
 class Sequential(Module):

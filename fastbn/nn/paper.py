@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .layers import BatchNorm, Linear, Sequential, Sigmoid
+from .layers import BatchNormActivation, Linear, Sequential, Sigmoid
 from .optim import SGD
 from .population import recompute_population_stats
 from .train import DIVERGENCE_LOSS, Trainer, diverged, evaluate, quiet_divergence
@@ -46,31 +46,41 @@ LR_SWEEP_FILE = "lr_sweep.png"
 def paper_network(batch_norm, *, init_std=DEFAULTS["init_std"], seed=0, hidden=HIDDEN,
                   dtype=np.float32, backend=None, comm=None):
     """784-100-100-100-10 sigmoid MLP; with ``batch_norm`` a BatchNorm before each hidden
-    sigmoid (and no bias in the Linear before it: BN's beta takes that role). The same
-    ``seed`` gives both variants the same initial weights. ``comm``: the BatchNorm layers are
-    synchronized over this MPI communicator (data-parallel training)."""
+    sigmoid, fused with it into one :class:`BatchNormActivation` layer (and no bias in the
+    Linear before it: BN's beta takes that role). The same ``seed`` gives both variants the
+    same initial weights. ``comm``: the BatchNorm layers are synchronized over this MPI
+    communicator (data-parallel training)."""
     rng = np.random.default_rng(seed)
     layers, width = [], 784
     for size in hidden:
         layers.append(Linear(width, size, bias=not batch_norm, std=init_std, rng=rng,
                              dtype=dtype))
         if batch_norm:
-            layers.append(BatchNorm(size, dtype=dtype, backend=backend, comm=comm))
-        layers.append(Sigmoid())
+            layers.append(BatchNormActivation(size, "sigmoid", dtype=dtype, backend=backend,
+                                              comm=comm))
+        else:
+            layers.append(Sigmoid())
         width = size
     layers.append(Linear(width, 10, std=init_std, rng=rng, dtype=dtype))
     return Sequential(*layers)
 
 
+def _is_sigmoid(layer):
+    return isinstance(layer, Sigmoid) or (isinstance(layer, BatchNormActivation)
+                                          and layer.activation == "sigmoid")
+
+
 def sigmoid_inputs(model, x, unit):
     """The input to sigmoid ``unit`` of the last hidden layer, for each row of ``x``, with the
-    model in eval mode."""
-    last = max(i for i, layer in enumerate(model.layers) if isinstance(layer, Sigmoid))
+    model in eval mode (for a fused BN + sigmoid layer: its BN output)."""
+    last = max(i for i, layer in enumerate(model.layers) if _is_sigmoid(layer))
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
         for layer in model.layers[:last]:
             x = layer.forward(x)
+        if isinstance(model.layers[last], BatchNormActivation):
+            x = model.layers[last].normalize(x)
     finally:
         for module, mode in modes:
             module.training = mode
