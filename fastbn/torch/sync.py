@@ -7,8 +7,8 @@ E[x^2] - E[x]^2 cancellation). Shards may be uneven or empty. The backward all-g
 per-channel float64 sums of dy and dy * (x - mean) and adds them in rank order.
 
 Before any statistic is exchanged the ranks all-gather a small header (failed?, channels,
-count, eps, dtype); bad input on any rank then raises the same DistributedError on every rank
-instead of leaving the others waiting in a collective.
+count, eps, dtype, momentum factor); bad input on any rank then raises the same
+DistributedError on every rank instead of leaving the others waiting in a collective.
 
 weight.grad and bias.grad are this rank's own sums, as in torch.nn.SyncBatchNorm:
 DistributedDataParallel then reduces them like every other parameter's gradient.
@@ -27,7 +27,7 @@ from .modules import FAST_DTYPES, _FastBatchNorm, check_channels
 
 __all__ = ["SyncBatchNorm"]
 
-_HEADER = ("failed", "channels", "count", "eps", "dtype")
+_HEADER = ("failed", "channels", "count", "eps", "dtype", "momentum factor")
 
 
 def _all_gather(tensor, group):
@@ -126,7 +126,7 @@ class SyncBatchNorm(_FastBatchNorm, torch.nn.SyncBatchNorm):
         header = torch.tensor([error is not None, input.shape[1] if input.dim() >= 2 else -1,
                                count, float(self.eps),
                                FAST_DTYPES.index(input.dtype) if input.dtype in FAST_DTYPES
-                               else -1], dtype=torch.float64)
+                               else -1, self._momentum_factor()], dtype=torch.float64)
         table = torch.stack(_all_gather(header, group))
         rank, world = dist.get_rank(group), dist.get_world_size(group)
         if table[:, 0].any():
@@ -136,7 +136,7 @@ class SyncBatchNorm(_FastBatchNorm, torch.nn.SyncBatchNorm):
             failures = {r: m for r, m in enumerate(messages) if m is not None}
             text = "; ".join(f"rank {r} of {world}: {m}" for r, m in failures.items())
             raise DistributedError(f"SyncBatchNorm failed on {text}", failures) from error
-        for column in (1, 3, 4):
+        for column in (1, 3, 4, 5):
             if not (table[:, column] == table[0, column]).all():
                 values = ", ".join(f"rank {r}: {v:g}" for r, v in
                                    enumerate(table[:, column].tolist()))
