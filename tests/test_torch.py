@@ -510,6 +510,55 @@ def test_convert_untraceable_module_gets_plain_replacement_and_fused_children():
     assert_close(converted(x), reference(x), torch.float32, "untraceable")
 
 
+class FunctionalBlock(nn.Module):
+    """The patterns written with functions: F.relu, torch.add then torch.relu, residual first."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(4)
+        self.bn2 = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = F.relu(self.bn1(x))
+        return torch.relu(torch.add(x, self.bn2(y)))
+
+
+class NotFusable(nn.Module):
+    """BN outputs with a second user, and a residual mutated in place: nothing may fuse."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(4)
+        self.bn2 = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.bn1(x)
+        z = F.relu(y) + y
+        z += self.bn2(x)          # writes into z, which is used again below
+        return F.relu(z) * z
+
+
+def test_convert_fuses_functional_patterns():
+    model = FunctionalBlock()
+    reference = FunctionalBlock()
+    reference.load_state_dict(model.state_dict())
+    converted = fbt.convert(model)
+    assert _count(converted, fbt.BatchNormAct2d) == 2
+    x = make_input((3, 4, 3, 5), torch.float32, None, seed=4)
+    assert_close(converted(x), reference(x), torch.float32, "functional patterns")
+
+
+def test_convert_does_not_fuse_what_would_change_results():
+    model = NotFusable()
+    reference = NotFusable()
+    reference.load_state_dict(model.state_dict())
+    converted = fbt.convert(model)
+    assert converted is model   # nothing fused: the module keeps its class
+    assert _count(converted, fbt.BatchNormAct2d) == 0 and _count(converted, fbt.BatchNorm2d) == 2
+    x = make_input((3, 4, 3, 5), torch.float32, None, seed=5)
+    assert_close(converted(x), reference(x), torch.float32, "not fusable")
+
+
 def test_convert_sync_gives_sync_batch_norm():
     converted = fbt.convert(SmallResNet(), sync=True)
     assert _count(converted, fbt.SyncBatchNorm) == 7
