@@ -620,6 +620,26 @@ def test_converted_resnet_trains_like_torch(memory_format):
     torch.testing.assert_close(model(x), reference(x), rtol=1e-4, atol=1e-5)
 
 
+def test_torch_compile_sees_one_graph_and_updates_buffers():
+    """fullgraph=True: the custom ops (and the buffer copies) trace without a graph break."""
+    torch.manual_seed(2)
+    reference = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+    model.load_state_dict(reference.state_dict())
+    model = fbt.convert(model)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    for step in range(2):
+        x = make_input((3, 3, 6, 7), torch.float32, None, seed=step)
+        y, y_ref = compiled(x), reference(x)
+        assert_close(y, y_ref, torch.float32, f"compiled y, step {step}")
+        (grad,) = torch.autograd.grad(y.sum(), x)
+        (grad_ref,) = torch.autograd.grad(y_ref.sum(), x)
+        assert_close(grad, grad_ref, torch.float32, f"compiled dx, step {step}")
+    for (name, tensor), (_, ref_tensor) in zip(sorted(model.state_dict().items()),
+                                                sorted(reference.state_dict().items())):
+        assert_close(tensor.double(), ref_tensor.double(), torch.float32, name)
+
+
 # ----------------------------------------------------------------------------------------------
 # SyncBatchNorm in one process, and the import rules
 
