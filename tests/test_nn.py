@@ -836,3 +836,105 @@ def test_data_parallel_training_matches_one_process(tmp_path):
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.count("OK") == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# import rules (issue 9): no import cycles, no private names from another module
+
+PACKAGE_ROOT = Path(__file__).resolve().parents[1] / "fastbn"
+#: The modules this rule is checked for here (the trainer, the command line, data, stats).
+CHECKED = ("fastbn.nn", "fastbn.cli", "fastbn.data", "fastbn.stats")
+#: Private helpers of fastbn.distributed that the trainer and the CLI still call, until
+#: fastbn.distributed offers them publicly (its owner's change, asked for in issue 9).
+PENDING_PUBLIC = {("fastbn.distributed", "_agree"), ("fastbn.distributed", "_same_on_every_rank")}
+
+
+def _module_name(path):
+    parts = list(path.relative_to(PACKAGE_ROOT.parent).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def _imports(path):
+    """(imported fastbn module, names taken from it, aliases bound to modules) of one file,
+    top level and inside functions alike."""
+    import ast
+    name = _module_name(path)
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found += [(a.name, (), a.asname or a.name) for a in node.names
+                      if a.name.startswith("fastbn")]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[:len(package.split(".")) - node.level + 1]
+                base = ".".join(anchor + ([base] if base else []))
+            if base.startswith("fastbn"):
+                found.append((base, tuple(a.name for a in node.names), None))
+    return found
+
+
+def _graph():
+    modules = {_module_name(p): p for p in PACKAGE_ROOT.rglob("*.py")}
+    graph = {}
+    for name, path in modules.items():
+        edges = set()
+        for base, names, _ in _imports(path):
+            submodules = {f"{base}.{n}" for n in names if f"{base}.{n}" in modules}
+            edges.update(submodules)
+            if len(submodules) < len(names) or not names:   # names taken from base itself
+                edges.add(base)
+        graph[name] = {e for e in edges if e in modules and e != name}
+    return modules, graph
+
+
+def _in_checked(name):
+    return any(name == c or name.startswith(c + ".") for c in CHECKED)
+
+
+def test_no_import_cycle_through_the_trainer_cli_data_or_stats():
+    _, graph = _graph()
+
+    def reaches(start, goal):
+        seen, stack = set(), [start]
+        while stack:
+            node = stack.pop()
+            for nxt in graph.get(node, ()):
+                if nxt == goal:
+                    return True
+                if nxt not in seen:
+                    seen.add(nxt)
+                    stack.append(nxt)
+        return False
+
+    # a package imports its own modules (__init__ re-exports): that is no cycle
+    cycles = [(a, b) for a in graph if _in_checked(a) for b in graph[a]
+              if not a.startswith(b + ".") and reaches(b, a)]
+    assert not cycles, cycles
+
+
+def test_no_private_names_from_another_module():
+    import ast
+    modules, _ = _graph()
+    used = set()
+    for name, path in modules.items():
+        if not _in_checked(name):
+            continue
+        aliases = {}
+        for base, names, alias in _imports(path):
+            if alias is not None:
+                aliases[alias.split(".")[0]] = base
+            for n in names:
+                if f"{base}.{n}" in modules:
+                    aliases[n] = f"{base}.{n}"     # from fastbn import distributed
+                elif n.startswith("_") and not n.startswith("__"):
+                    used.add((base, n))
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
+                    and node.value.id in aliases and node.attr.startswith("_")
+                    and not node.attr.startswith("__")):
+                used.add((aliases[node.value.id], node.attr))
+    assert used - PENDING_PUBLIC == set()
