@@ -3,15 +3,22 @@
     python -m benchmarks.bench_cpu --out benchmarks/results/cpu.json     # full run, updates docs
     python -m benchmarks.bench_cpu --smoke --out /tmp/smoke.json --no-docs
     python -m benchmarks.bench_cpu --render benchmarks/results/cpu.json  # tables from a JSON only
+    python -m benchmarks.bench_cpu --sections small,fused --no-docs      # some sections only
+
+Sections (``--sections``, default all): ``large`` (the ResNet-50 and MLP tensors, at the default
+thread count), ``scaling`` (a case per regime at 1 and N threads), ``small`` (small and medium
+tensors at 1 and 2 threads, with the per-call overhead table), ``fused`` (batch norm + residual +
+relu, fused against composed), ``trainer`` (the paper network's training step with and without
+BN), ``cold`` (first calls in fresh processes, empty and warm Numba cache, ``fastbn.warmup()``)
+and ``tasks`` (how many parallel tasks the cpu plan gives each benchmark shape).
 
 Method (docs/benchmarks.md): every implementation is warmed up (compiled) and validated against
 the NumPy float64 reference on the case before it is timed; then the implementations are timed
 in interleaved rounds (each round runs each once, so load from other processes hits all of them
 alike) and each figure is the median over the rounds. Every ratio compares timings from the same
-rounds. The full run rewrites the tables between ``<!-- bench:cpu:start -->`` and
-``<!-- bench:cpu:end -->`` in docs/benchmarks.md and README.md, and the thread-scaling and
-compile-time tables between the ``bench:cpu-threads`` and ``bench:cpu-compile`` markers of
-docs/benchmarks.md.
+rounds. fastbn and PyTorch are each timed as the default call (fresh outputs) and with
+preallocated outputs. The full run rewrites the generated blocks (``<!-- bench:cpu... -->``
+markers) of docs/benchmarks.md and the ``bench:cpu`` block of README.md.
 """
 import argparse
 import datetime
@@ -28,7 +35,8 @@ from pathlib import Path
 import numpy as np
 
 from . import registry
-from .cases import FULL_CASES, OPERATIONS, SCALING_CASES, SMOKE_CASES, Problem
+from .cases import (FULL_CASES, FUSED_CASES, FUSED_OPERATIONS, OPERATIONS, SCALING_CASES,
+                    SMALL_CASES, SMOKE_CASES, SMOKE_FUSED_CASES, TENSORS_MOVED, Problem)
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs" / "benchmarks.md"
@@ -36,6 +44,15 @@ README = ROOT / "README.md"
 FIGURE_NAME = "img/cpu_thread_scaling.png"      # next to docs/benchmarks.md
 
 TARGETS = {"fwd-train": 1.2, "eval": 1.1, "backward": 1.6}   # x copy floor, at most
+TORCH_GOAL = 1.5            # default call, x PyTorch's default call, at least (issue 10 goal 1)
+FRESH_GOAL = 1.15           # fresh outputs / out=, at most, on large tensors (goal 2)
+OVERHEAD_GOAL_US = {"fwd-train": 4.0, "eval": 2.5, "backward": 4.0}     # (60, 100), goal 3
+COLD_GOAL_S, CACHED_GOAL_S, WARMUP_GOAL_S = 1.5, 0.25, 60.0               # goal 4
+SECTIONS = ("large", "scaling", "small", "fused", "trainer", "cold", "tasks")
+# blocks of docs/benchmarks.md: the first three must exist; the others are written when present
+REQUIRED_MARKERS = ("bench:cpu", "bench:cpu-threads", "bench:cpu-compile")
+OPTIONAL_MARKERS = ("bench:cpu-small", "bench:cpu-overhead", "bench:cpu-fused",
+                    "bench:cpu-trainer", "bench:cpu-tasks")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -162,76 +179,143 @@ def measure(callables, rounds, slow=(), slow_rounds=3, min_sample_s=2e-3, max_fo
 
 
 def _snapshot(outputs):
-    return tuple(np.array(o, copy=True) for o in outputs)
+    return tuple(None if o is None else np.array(o, copy=True) for o in outputs)
 
 
-def run_case(case, impls, rounds, ops=OPERATIONS, slow_rounds=3):
-    """Validate then time every implementation on every operation of one case."""
+def run_case(case, impls, rounds, ops=OPERATIONS, slow_rounds=3, section="large"):
+    """Validate then time every implementation on every operation of one case (an
+    implementation takes part in the operations it offers; ``reference`` must offer each)."""
     problem = Problem.make(case)
-    prepared = {name: impl.prepare(problem) for name, impl in impls.items()}
+    prepared = {name: impl.prepare(problem, ops) for name, impl in impls.items()}
     rows = []
     for op in ops:
-        reference = _snapshot(prepared["reference"][op]())
+        offered = {name: of[op] for name, of in prepared.items() if op in of}
+        if "reference" not in offered:
+            print(f"{case.label} {op}: the reference does not offer it; skipped", flush=True)
+            continue
+        reference = _snapshot(offered["reference"]())
         errors, valid = {}, {}
-        for name, ops_of in prepared.items():
-            err = registry.validate(name, op, ops_of[op](), reference, problem)
+        for name, fn in offered.items():
+            err = registry.validate(name, op, fn(), reference, problem)
             errors[name] = err
             if err <= 1.0:
-                valid[name] = ops_of[op]
+                valid[name] = fn
         load_before = os.getloadavg()[0]
         timings = measure(valid, rounds, slow=[n for n in valid if impls[n].slow],
                           slow_rounds=slow_rounds)
-        row = {"case": case.name, "shape": list(case.shape), "layout": case.layout,
-               "dtype": case.dtype, "label": case.label, "op": op,
+        row = {"section": section, "case": case.name, "shape": list(case.shape),
+               "layout": case.layout, "dtype": case.dtype, "label": case.label, "op": op,
                "bytes": case.bytes_moved(op), "copy_bytes": 2 * case.nbytes,
                "threads": registry.num_threads(),
                "load_avg_1min": [load_before, os.getloadavg()[0]],
                "timings": timings,
                "validation_error": {k: (None if not math.isfinite(v) else v)
                                     for k, v in errors.items()},
-               "invalid": sorted(n for n in prepared if n not in valid)}
+               "invalid": sorted(n for n in offered if n not in valid)}
         row.update(_ratios(row))
         rows.append(row)
         print(_row_text(row), flush=True)
     return rows
 
 
+def _ratio(a, b):
+    return a / b if a and b else None
+
+
 def _ratios(row):
     t = {name: v["median_s"] for name, v in row["timings"].items()}
     floor = [t[n] for n in registry.COPY_FLOOR if n in t]
-    out = {"copy_floor_s": min(floor) if floor else None}
-    fb = t.get("fastbn")
-    out["x_copy"] = fb / out["copy_floor_s"] if fb and floor else None
-    out["x_torch"] = t["torch"] / fb if fb and "torch" in t else None
-    out["torch_x_copy"] = t["torch"] / out["copy_floor_s"] if "torch" in t and floor else None
-    out["x_reference"] = t["reference"] / fb if fb and "reference" in t else None
-    out["gbps"] = row["bytes"] / fb / 1e9 if fb else None
-    return out
+    copy = min(floor) if floor else None
+    fresh, out = t.get("fastbn"), t.get("fastbn-out")
+    kernel = out or fresh
+    return {
+        "copy_floor_s": copy,
+        # the kernel (out= call) against the floor: what the x-copy targets are about
+        "x_copy": _ratio(kernel, copy),
+        "x_copy_fresh": _ratio(fresh, copy),
+        # against the op's own bytes at the copy's bandwidth (a copy moves 2 tensors)
+        "x_floor": _ratio(kernel, copy and copy * TENSORS_MOVED[row["op"]] / 2),
+        "fresh_over_out": _ratio(fresh, out),
+        "x_torch": _ratio(t.get("torch"), fresh),
+        "x_torch_out": _ratio(t.get("torch-out"), out),
+        "torch_x_copy": _ratio(t.get("torch-out") or t.get("torch"), copy),
+        "x_reference": _ratio(t.get("reference"), fresh),
+        "x_composed": _ratio(t.get("fastbn-composed"), fresh),
+        "gbps": row["bytes"] / fresh / 1e9 if fresh else None,
+        "gbps_out": row["bytes"] / out / 1e9 if out else None,
+    }
 
 
 def _row_text(row):
     def f(v, fmt):
         return "-" if v is None else format(v, fmt)
-    fb = row["timings"].get("fastbn", {}).get("median_s")
-    return (f"{row['label']:34s} {row['op']:9s} fastbn {f(fb and fb * 1e3, '8.3f')} ms  "
-            f"{f(row['gbps'], '6.1f')} GB/s  x copy {f(row['x_copy'], '5.2f')}  "
-            f"x torch {f(row['x_torch'], '6.2f')}  (load {row['load_avg_1min'][0]:.1f})"
+    t = row["timings"]
+    fresh = t.get("fastbn", {}).get("median_s")
+    out = t.get("fastbn-out", {}).get("median_s")
+    return (f"{row['threads']}t {row['label']:30s} {row['op']:13s} fastbn "
+            f"{f(fresh and fresh * 1e3, '8.3f')} ms (out= {f(out and out * 1e3, '8.3f')})  "
+            f"x copy {f(row['x_copy'], '5.2f')}  x torch {f(row['x_torch'], '5.2f')} "
+            f"(out= {f(row['x_torch_out'], '5.2f')})"
+            + (f"  x composed {f(row['x_composed'], '5.2f')}" if row["x_composed"] else "")
+            + f"  (load {row['load_avg_1min'][0]:.1f})"
             + (f"  INVALID {row['invalid']}" if row["invalid"] else ""))
 
 
-def run_scaling(cases, impls, rounds, thread_counts):
-    """fastbn, PyTorch and the copy floor at each thread count (ops fwd-train, eval, backward)."""
+def run_at_threads(cases, impls, rounds, thread_counts, ops=OPERATIONS, section="scaling",
+                   slow_rounds=1):
+    """Every case at each thread count (numba and PyTorch alike)."""
     saved = registry.num_threads()
     rows = []
     try:
         for threads in thread_counts:
             registry.set_num_threads(threads)
             for case in cases:
-                rows += run_case(case, impls, rounds, ops=("fwd-train", "eval", "backward"),
-                                 slow_rounds=1)
+                rows += run_case(case, impls, rounds, ops=ops, slow_rounds=slow_rounds,
+                                 section=section)
     finally:
         registry.set_num_threads(saved)
     return rows
+
+
+def run_scaling(cases, impls, rounds, thread_counts):
+    """fastbn, PyTorch and the copy floor at each thread count."""
+    return run_at_threads(cases, impls, rounds, thread_counts)
+
+
+# ----------------------------------------------------------------------------------------------
+# the paper network's training step, and the cpu plan's task counts
+
+def run_trainer(thread_counts, steps, repeats):
+    from . import bench_trainer
+    rows = []
+    for threads in thread_counts:
+        for r in bench_trainer.run(threads, steps, repeats):
+            rows.append({"threads": threads, **r})
+            print(f"trainer {threads}t {r['network']:10s} fastbn {r['fastbn_ms_per_step']:.3f} "
+                  f"ms/step, torch {r['torch_ms_per_step']:.3f} ms/step", flush=True)
+    return rows
+
+
+def task_counts(cases):
+    """{label: {op: tasks}} from the cpu backend's own plan (``fastbn.backends.cpu.task_count``
+    when it exists), or None with the reason."""
+    from fastbn.backends import cpu
+    count = getattr(cpu, "task_count", None)
+    if count is None:
+        return None, ("fastbn.backends.cpu has no task_count(op, x3) planning function; "
+                      "no task counts")
+    table = {}
+    for case in cases:
+        x = case.allocate()
+        x3 = _canonical_view(x, case.axis)
+        table[case.label] = {op: int(count(op, x3)) for op in OPERATIONS}
+    return table, None
+
+
+def _canonical_view(x, axis):
+    from fastbn import api
+    from fastbn.backends import cpu
+    return api.Canonical(cpu, x, axis % x.ndim).view(x)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -241,38 +325,212 @@ def _fmt(v, fmt, suffix=""):
     return "–" if v is None else format(v, fmt) + suffix
 
 
-def _mark(v, target):
-    return "" if v is None or target is None or v <= target else " ⚠"
+def _mark_above(v, limit):
+    return "" if v is None or limit is None or v <= limit else " ⚠"
+
+
+def _mark_below(v, limit):
+    return "" if v is None or limit is None or v >= limit else " ⚠"
+
+
+def _time(t, unit):
+    if t is None:
+        return "–"
+    return f"{t * 1e6:.1f} µs" if unit == "us" else f"{t * 1e3:.3f} ms"
+
+
+def _t(row, name):
+    return row["timings"].get(name, {}).get("median_s")
 
 
 def full_table(rows):
-    lines = ["| case | operation | fastbn | GB/s | × copy floor | PyTorch × copy | × PyTorch "
-             "| × NumPy ref |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| case | operation | fastbn | fastbn out= | fresh ÷ out= | × copy floor (out=) "
+             "| PyTorch × copy | × PyTorch | × PyTorch (both out=) | × NumPy ref |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        fb = r["timings"].get("fastbn", {}).get("median_s")
         lines.append(
-            f"| {r['label']} | {r['op']} | {_fmt(fb and fb * 1e3, '.3f', ' ms')} | "
-            f"{_fmt(r['gbps'], '.1f')} | {_fmt(r['x_copy'], '.2f')}{_mark(r['x_copy'], TARGETS.get(r['op']))} | "
-            f"{_fmt(r['torch_x_copy'], '.2f')} | {_fmt(r['x_torch'], '.2f', 'x')} | "
-            f"{_fmt(r['x_reference'], '.1f', 'x')} |")
+            f"| {r['label']} | {r['op']} | {_time(_t(r, 'fastbn'), 'ms')} | "
+            f"{_time(_t(r, 'fastbn-out'), 'ms')} | "
+            f"{_fmt(r['fresh_over_out'], '.2f')}{_mark_above(r['fresh_over_out'], FRESH_GOAL)} | "
+            f"{_fmt(r['x_copy'], '.2f')}{_mark_above(r['x_copy'], TARGETS.get(r['op']))} | "
+            f"{_fmt(r['torch_x_copy'], '.2f')} | "
+            f"{_fmt(r['x_torch'], '.2f', 'x')}{_mark_below(r['x_torch'], TORCH_GOAL)} | "
+            f"{_fmt(r['x_torch_out'], '.2f', 'x')} | {_fmt(r['x_reference'], '.1f', 'x')} |")
     return "\n".join(lines)
 
 
 def summary_table(rows):
-    """One line per case: × copy floor and × PyTorch for each operation."""
+    """One line per case: × PyTorch (default calls) per operation, × copy floor, fresh ÷ out=."""
     by_case = {}
     for r in rows:
         by_case.setdefault(r["label"], {})[r["op"]] = r
-    head = "| case | " + " | ".join(f"{op} × copy | {op} × torch" for op in OPERATIONS) + " |"
-    lines = [head, "|---|" + "---:|" * (2 * len(OPERATIONS))]
+    copy_ops = ("fwd-train", "eval", "backward")
+    head = ("| case | " + " | ".join(f"{op} × torch" for op in OPERATIONS) + " | "
+            + " | ".join(f"{op} × copy" for op in copy_ops) + " | fresh ÷ out= fwd / bwd |")
+    lines = [head, "|---|" + "---:|" * (len(OPERATIONS) + len(copy_ops) + 1)]
     for label, ops in by_case.items():
         cells = []
         for op in OPERATIONS:
             r = ops.get(op)
-            cells.append(_fmt(r and r["x_copy"], ".2f") + _mark(r and r["x_copy"], TARGETS.get(op)))
-            cells.append(_fmt(r and r["x_torch"], ".1f", "x"))
+            v = r and r["x_torch"]
+            cells.append(_fmt(v, ".1f", "x") + _mark_below(v, TORCH_GOAL))
+        for op in copy_ops:
+            r = ops.get(op)
+            v = r and r["x_copy"]
+            cells.append(_fmt(v, ".2f") + _mark_above(v, TARGETS.get(op)))
+        fresh = [ops.get(op) and ops[op]["fresh_over_out"] for op in ("fwd-train", "backward")]
+        cells.append(" / ".join(_fmt(v, ".2f") + _mark_above(v, FRESH_GOAL) for v in fresh))
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def small_table(rows):
+    lines = ["| case | threads | operation | fastbn | fastbn out= | PyTorch | PyTorch out= "
+             "| × PyTorch | × PyTorch (both out=) | × NumPy ref | × copy floor (out=) |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(
+            f"| {r['label']} | {r['threads']} | {r['op']} | {_time(_t(r, 'fastbn'), 'us')} | "
+            f"{_time(_t(r, 'fastbn-out'), 'us')} | {_time(_t(r, 'torch'), 'us')} | "
+            f"{_time(_t(r, 'torch-out'), 'us')} | "
+            f"{_fmt(r['x_torch'], '.2f', 'x')}{_mark_below(r['x_torch'], TORCH_GOAL)} | "
+            f"{_fmt(r['x_torch_out'], '.2f', 'x')} | {_fmt(r['x_reference'], '.1f', 'x')} | "
+            f"{_fmt(r['x_copy'], '.1f')} |")
+    return "\n".join(lines)
+
+
+def small_summary(rows, dtype="float32"):
+    """README: × PyTorch (default calls) per operation and thread count, one dtype."""
+    by = {}
+    for r in rows:
+        if r["dtype"] == dtype:
+            by.setdefault((r["label"], r["threads"]), {})[r["op"]] = r
+    lines = ["| case | threads | " + " | ".join(f"{op} × torch" for op in OPERATIONS) + " |",
+             "|---|---:|" + "---:|" * len(OPERATIONS)]
+    for (label, threads), ops in by.items():
+        cells = []
+        for op in OPERATIONS:
+            v = ops.get(op) and ops[op]["x_torch"]
+            cells.append(_fmt(v, ".2f", "x") + _mark_below(v, TORCH_GOAL))
+        lines.append(f"| {label} | {threads} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def overhead_table(rows, label="60×100 NC float32", threads=1):
+    picked = [r for r in rows if r["label"] == label and r["threads"] == threads]
+    if not picked:
+        return "(no per-call overhead data)"
+    lines = [f"Per call on {label.replace(' NC', ', NC,')}, {threads} thread (µs, median):", "",
+             "| operation | fastbn | fastbn out= | PyTorch | PyTorch out= | goal (fastbn) |",
+             "|---|---:|---:|---:|---:|---|"]
+    for r in picked:
+        goal = OVERHEAD_GOAL_US.get(r["op"])
+        fresh = _t(r, "fastbn")
+        verdict = "–" if goal is None else (
+            f"≤ {goal} µs: " + ("met" if fresh is not None and fresh * 1e6 <= goal
+                                else "**missed**"))
+        lines.append(f"| {r['op']} | {_time(fresh, 'us')} | {_time(_t(r, 'fastbn-out'), 'us')} | "
+                     f"{_time(_t(r, 'torch'), 'us')} | {_time(_t(r, 'torch-out'), 'us')} | "
+                     f"{verdict} |")
+    return "\n".join(lines)
+
+
+def fused_table(rows):
+    lines = ["| case | operation | fastbn fused | fused out= | fastbn composed | PyTorch composed "
+             "| × composed | × PyTorch | × floor (out=) |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(
+            f"| {r['label']} | {r['op']} | {_time(_t(r, 'fastbn'), 'ms')} | "
+            f"{_time(_t(r, 'fastbn-out'), 'ms')} | {_time(_t(r, 'fastbn-composed'), 'ms')} | "
+            f"{_time(_t(r, 'torch'), 'ms')} | {_fmt(r['x_composed'], '.2f', 'x')} | "
+            f"{_fmt(r['x_torch'], '.2f', 'x')} | {_fmt(r['x_floor'], '.2f')} |")
+    return "\n".join(lines)
+
+
+def trainer_table(rows):
+    if not rows:
+        return "(no trainer data)"
+    lines = ["| threads | network | fastbn ms/step | PyTorch ms/step | × PyTorch |",
+             "|---:|---|---:|---:|---:|"]
+    by = {}
+    for r in rows:
+        by.setdefault(r["threads"], {})[r["network"]] = r
+        lines.append(f"| {r['threads']} | {r['network']} | {r['fastbn_ms_per_step']:.3f} | "
+                     f"{r['torch_ms_per_step']:.3f} | {r['ratio']:.2f}x |")
+    notes = []
+    for threads, nets in by.items():
+        if "with BN" in nets and "without BN" in nets:
+            ours = nets["with BN"]["fastbn_ms_per_step"] / nets["without BN"]["fastbn_ms_per_step"]
+            theirs = nets["with BN"]["torch_ms_per_step"] / nets["without BN"]["torch_ms_per_step"]
+            notes.append(f"* {threads} thread{'s' if threads > 1 else ''}: the step with BN "
+                         f"takes {ours:.2f}× the step without BN in fastbn (goal ≤ 1.2: "
+                         f"{'met' if ours <= 1.2 else '**missed**'}), {theirs:.2f}× in PyTorch.")
+    return "\n".join(lines) + ("\n\n" + "\n".join(notes) if notes else "")
+
+
+def cold_table(cold):
+    if not cold:
+        return "(no cold-start data)"
+    lines = ["| layout | dtype | `import fastbn` | first fwd-train | first backward | first eval "
+             f"| sum, empty cache (goal ≤ {COLD_GOAL_S} s) | sum, from the cache "
+             f"(goal ≤ {CACHED_GOAL_S} s) |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for e in cold["per_layout_dtype"]:
+        c, layout = e["cold"], e["layout"]
+        lines.append(
+            f"| {layout} | {e['dtype']} | {c['import_s']:.2f} s | {c[layout]['fwd-train']:.2f} s | "
+            f"{c[layout]['backward']:.2f} s | {c[layout]['eval']:.2f} s | "
+            f"{e['cold_first_calls_s']:.2f} s{_mark_above(e['cold_first_calls_s'], COLD_GOAL_S)} | "
+            f"{e['cached_first_calls_s']:.3f} s"
+            f"{_mark_above(e['cached_first_calls_s'], CACHED_GOAL_S)} |")
+    wu = cold.get("warmup")
+    if wu:
+        after = max(wu["cached"][layout][op] for layout in cold["shapes"] for op in OPERATIONS)
+        lines += ["", "| `fastbn.warmup()` | empty cache "
+                  f"(goal ≤ {WARMUP_GOAL_S:.0f} s) | from the cache | slowest first call after "
+                  "it (from the cache) |", "|---|---:|---:|---:|",
+                  f"| all layouts, float16/32/64 | {wu['cold']['warmup_s']:.1f} s"
+                  f"{_mark_above(wu['cold']['warmup_s'], WARMUP_GOAL_S)} | "
+                  f"{wu['cached']['warmup_s']:.2f} s | {after * 1e3:.2f} ms |"]
+    shapes = ", ".join(f"{k} {'×'.join(map(str, v[0]))}" for k, v in cold["shapes"].items())
+    return ("Each row: a fresh process, `NUMBA_CACHE_DIR` a new empty directory (so the calls "
+            "compile), then a second process on that cache. The sums count `import fastbn` "
+            f"and the first fwd-train, backward and eval (tensors: {shapes}).\n\n"
+            + "\n".join(lines))
+
+
+def cold_summary(cold):
+    """Lines for the README block."""
+    if not cold:
+        return ""
+    entries = cold["per_layout_dtype"]
+    worst_cold = max(entries, key=lambda e: e["cold_first_calls_s"])
+    worst_cached = max(entries, key=lambda e: e["cached_first_calls_s"])
+    text = (f"First calls in a fresh process (`import fastbn` + first fwd-train + backward + "
+            f"eval of one layout and dtype): with an empty Numba cache "
+            f"{min(e['cold_first_calls_s'] for e in entries):.2f}–"
+            f"{worst_cold['cold_first_calls_s']:.2f} s (worst {worst_cold['layout']} "
+            f"{worst_cold['dtype']}; goal ≤ {COLD_GOAL_S} s), from the cache "
+            f"{min(e['cached_first_calls_s'] for e in entries):.3f}–"
+            f"{worst_cached['cached_first_calls_s']:.3f} s (goal ≤ {CACHED_GOAL_S} s).")
+    wu = cold.get("warmup")
+    if wu:
+        text += (f" `fastbn.warmup()`: {wu['cold']['warmup_s']:.1f} s with an empty cache "
+                 f"(goal ≤ {WARMUP_GOAL_S:.0f} s), {wu['cached']['warmup_s']:.2f} s from it.")
+    return text
+
+
+def tasks_table(tasks):
+    if not tasks:
+        return "(no task-count data)"
+    table, why = tasks.get("table"), tasks.get("note")
+    if table is None:
+        return f"({why})"
+    lines = ["| case | " + " | ".join(OPERATIONS) + " |", "|---|" + "---:|" * len(OPERATIONS)]
+    for label, counts in table.items():
+        lines.append(f"| {label} | " + " | ".join(str(counts.get(op, "–")) for op in OPERATIONS)
+                     + " |")
     return "\n".join(lines)
 
 
@@ -281,16 +539,22 @@ def machine_line(m):
     return (f"{cpu.get('Model name', '?')} ({cpu.get('CPU(s)', '?')} CPUs, L2 {cpu.get('L2 cache', '?')}, "
             f"L3 {cpu.get('L3 cache', '?')}), {m['numba_threads']} numba threads "
             f"({m.get('numba_threading_layer')}), numba {m['numba']}, numpy {m['numpy']}, "
-            f"torch {m.get('torch')}, Python {m['python']}, {m['date']}")
+            f"torch {m.get('torch')}, Python {m['python']}, commit "
+            f"{(m.get('git_commit') or '?')[:7]}{' (fastbn/ modified)' if m.get('git_dirty') else ''}, "
+            f"{m['date']}")
 
 
 CONVENTIONS = (
-    "× copy floor = fastbn time / time of a plain parallel copy of the same tensor (the faster "
-    "of NumPy `copyto` and a numba `prange` copy) in the same rounds: 1.00 = at the memory floor, "
-    "lower is better (targets: fwd-train ≤ 1.2, eval ≤ 1.1, backward ≤ 1.6; ⚠ = missed). "
-    "× PyTorch and × NumPy ref = their time / fastbn time: 1.00x = equal, higher = fastbn "
-    "faster. GB/s counts the bytes the operation must move (x and y; x, dy and dx for the "
-    "backward; x for moments). Times are medians of interleaved rounds.")
+    "fastbn = the default call (fresh outputs, no `out=`); fastbn out= = the same call into "
+    "preallocated outputs. PyTorch likewise: `torch.native_batch_norm`, "
+    "`aten::native_batch_norm_backward` and `torch.var_mean` (fresh outputs), and their `.out` "
+    "overloads. × PyTorch = PyTorch's time / fastbn's, default call against default call "
+    f"(goal ≥ {TORCH_GOAL}x; ⚠ = missed); × NumPy ref likewise. × copy floor = fastbn out= time / "
+    "time of a plain parallel copy of the same tensor into a preallocated array (the faster "
+    "of NumPy `copyto` and a numba `prange` copy): 1.00 = at the memory floor, lower is better "
+    "(targets: fwd-train ≤ 1.2, eval ≤ 1.1, backward ≤ 1.6; ⚠ = missed). fresh ÷ out= = the "
+    f"default call's time / the out= call's (goal ≤ {FRESH_GOAL} on large tensors; ⚠ = over). "
+    "Times are medians of interleaved rounds; every ratio compares timings from the same rounds.")
 
 
 def scaling_table(rows):
@@ -302,21 +566,21 @@ def scaling_table(rows):
         return "(no thread-scaling data)"
     lo, hi = counts[0], counts[-1]
     lines = [f"| case | operation | fastbn {lo}→{hi} threads | PyTorch {lo}→{hi} | copy floor "
-             f"{lo}→{hi} | fastbn × copy at {lo} / {hi} |",
-             "|---|---|---:|---:|---:|---:|"]
+             f"{lo}→{hi} | fastbn × copy at {lo} / {hi} | × PyTorch at {lo} / {hi} |",
+             "|---|---|---:|---:|---:|---:|---:|"]
     for (label, op), t in by.items():
         if lo not in t or hi not in t:
             continue
 
         def speedup(name):
-            a = t[lo]["timings"].get(name, {}).get("median_s")
-            b = t[hi]["timings"].get(name, {}).get("median_s")
-            return a / b if a and b else None
-        copy_up = (t[lo]["copy_floor_s"] / t[hi]["copy_floor_s"]
-                   if t[lo]["copy_floor_s"] and t[hi]["copy_floor_s"] else None)
+            return _ratio(_t(t[lo], name), _t(t[hi], name))
+        copy_up = _ratio(t[lo]["copy_floor_s"], t[hi]["copy_floor_s"])
         lines.append(f"| {label} | {op} | {_fmt(speedup('fastbn'), '.2f', 'x')} | "
                      f"{_fmt(speedup('torch'), '.2f', 'x')} | {_fmt(copy_up, '.2f', 'x')} | "
-                     f"{_fmt(t[lo]['x_copy'], '.2f')} / {_fmt(t[hi]['x_copy'], '.2f')} |")
+                     f"{_fmt(t[lo]['x_copy'], '.2f')} / {_fmt(t[hi]['x_copy'], '.2f')} | "
+                     f"{_fmt(t[lo]['x_torch'], '.2f', 'x')}{_mark_below(t[lo]['x_torch'], TORCH_GOAL)}"
+                     f" / {_fmt(t[hi]['x_torch'], '.2f', 'x')}"
+                     f"{_mark_below(t[hi]['x_torch'], TORCH_GOAL)} |")
     return "\n".join(lines)
 
 
@@ -335,7 +599,7 @@ def scaling_figure(rows, path):
     if len(counts) < 2 or not keys:
         return False
     names = [("fastbn", "fastbn"), ("torch", "PyTorch"), (None, "copy floor")]
-    fig, ax = plt.subplots(figsize=(9, 4))
+    fig, ax = plt.subplots(figsize=(10, 4))
     width = 0.8 / len(names)
     for j, (name, label) in enumerate(names):
         speedups = []
@@ -344,8 +608,7 @@ def scaling_figure(rows, path):
             if name is None:
                 a, b = t[counts[0]]["copy_floor_s"], t[counts[-1]]["copy_floor_s"]
             else:
-                a = t[counts[0]]["timings"].get(name, {}).get("median_s")
-                b = t[counts[-1]]["timings"].get(name, {}).get("median_s")
+                a, b = _t(t[counts[0]], name), _t(t[counts[-1]], name)
             speedups.append(a / b if a and b else 0.0)
         ax.bar(np.arange(len(keys)) + j * width, speedups, width, label=label)
     ax.axhline(counts[-1] / counts[0], color="gray", lw=0.8, ls="--")
@@ -354,7 +617,8 @@ def scaling_figure(rows, path):
                        fontsize=7)
     ax.set_ylabel(f"speedup {counts[0]} → {counts[-1]} threads")
     ax.legend(fontsize=8)
-    ax.set_title("Thread scaling (time at 1 thread / time at 2 threads)", fontsize=10)
+    ax.set_title(f"Thread scaling (time at {counts[0]} thread / time at {counts[-1]}), default "
+                 "calls", fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -362,29 +626,14 @@ def scaling_figure(rows, path):
     return True
 
 
-def compile_table(comp):
-    if not comp:
-        return "(no compile-time data)"
-    lines = ["| measurement | empty cache (compiles) | from the numba cache |",
-             "|---|---:|---:|"]
-    fc = comp["first_call"]
-    lines.append(f"| `import fastbn` | {fc['cold']['import_s']:.2f} s | "
-                 f"{fc['cached']['import_s']:.2f} s |")
-    for label in ("NCHW parallel", "NHWC parallel", "NC serial"):
-        for op in OPERATIONS:
-            lines.append(f"| first {op}, {label} | {fc['cold'][label][op]:.3f} s | "
-                         f"{fc['cached'][label][op]:.3f} s |")
-    wu = comp["warmup"]
-    lines.append(f"| `fastbn.warmup()` | {wu['cold']['warmup_s']:.2f} s | "
-                 f"{wu['cached']['warmup_s']:.2f} s |")
-    worst = max(wu["cached"][label][op] for label in ("NCHW parallel", "NHWC parallel",
-                                                      "NC serial") for op in OPERATIONS)
-    lines.append(f"| slowest first call after `warmup()` | – | {worst * 1e3:.2f} ms |")
-    return "\n".join(lines)
-
-
 # ----------------------------------------------------------------------------------------------
 # writing tables into markdown files
+
+def _markers(path):
+    text = Path(path).read_text()
+    return {m for m in REQUIRED_MARKERS + OPTIONAL_MARKERS
+            if f"<!-- {m}:start -->" in text and f"<!-- {m}:end -->" in text}
+
 
 def replace_between(path, marker, body):
     """Replace the text between <!-- marker:start --> and <!-- marker:end --> in path."""
@@ -397,24 +646,60 @@ def replace_between(path, marker, body):
     Path(path).write_text(pattern.sub(lambda m: f"{start}\n{body}\n{end}", text))
 
 
+def check_markers(docs, readme):
+    """Fail (before anything is measured or written) if a required marker is missing."""
+    for path, marker in [(docs, m) for m in REQUIRED_MARKERS] + [(readme, "bench:cpu")]:
+        replace_between(path, marker, _current(path, marker))
+
+
+def readme_block(result):
+    m = result["machine"]
+    parts = [f"Machine: {machine_line(m)}.", CONVENTIONS]
+    if result.get("results"):
+        parts.append(f"Large tensors, {result['results'][0]['threads']} threads:\n\n"
+                     + summary_table(result["results"]))
+    if result.get("small"):
+        parts.append("Small and medium tensors, float32 (all dtypes in the docs), default calls, "
+                     "× PyTorch on the same threads:\n\n" + small_summary(result["small"]))
+    cold = cold_summary(result.get("cold_start"))
+    if cold:
+        parts.append(cold)
+    parts.append("Full tables, method, per-call overhead, fused ops, thread scaling and "
+                 "first-call times: [docs/benchmarks.md](docs/benchmarks.md).")
+    return "\n\n".join(parts)
+
+
 def render(result, docs=DOCS, readme=README):
     m = result["machine"]
+    check_markers(docs, readme)
+    present = _markers(docs)
     head = f"Machine: {machine_line(m)}.\n\n{CONVENTIONS}\n\n"
-    rows = result["results"]
-    # check every marker before writing anything
-    for path, marker in ((docs, "bench:cpu"), (readme, "bench:cpu"), (docs, "bench:cpu-threads"),
-                         (docs, "bench:cpu-compile")):
-        replace_between(path, marker, _current(path, marker))
-    replace_between(docs, "bench:cpu", head + full_table(rows))
-    replace_between(readme, "bench:cpu", head + summary_table(rows)
-                    + "\n\nFull table, method and thread scaling: "
-                      "[docs/benchmarks.md](docs/benchmarks.md).")
+    blocks = {}
+    if result.get("results"):
+        blocks["bench:cpu"] = head + full_table(result["results"])
     scaling = result.get("thread_scaling") or []
-    body = scaling_table(scaling)
-    if scaling and scaling_figure(scaling, Path(docs).parent / FIGURE_NAME):
-        body += f"\n\n![thread scaling]({FIGURE_NAME})"
-    replace_between(docs, "bench:cpu-threads", body)
-    replace_between(docs, "bench:cpu-compile", compile_table(result.get("compile")))
+    if scaling:
+        body = scaling_table(scaling)
+        if scaling_figure(scaling, Path(docs).parent / FIGURE_NAME):
+            body += f"\n\n![thread scaling]({FIGURE_NAME})"
+        blocks["bench:cpu-threads"] = body
+    if result.get("cold_start"):
+        blocks["bench:cpu-compile"] = cold_table(result["cold_start"])
+    if result.get("small"):
+        blocks["bench:cpu-small"] = head + small_table(result["small"])
+        blocks["bench:cpu-overhead"] = overhead_table(result["small"])
+    if result.get("fused"):
+        blocks["bench:cpu-fused"] = f"Machine: {machine_line(m)}.\n\n" + fused_table(result["fused"])
+    if result.get("trainer"):
+        blocks["bench:cpu-trainer"] = trainer_table(result["trainer"])
+    if result.get("tasks"):
+        blocks["bench:cpu-tasks"] = tasks_table(result["tasks"])
+    for marker, body in blocks.items():
+        if marker in present:
+            replace_between(docs, marker, body)
+        else:
+            print(f"{docs}: no <!-- {marker}:start/end --> markers; that table is not written")
+    replace_between(readme, "bench:cpu", readme_block(result))
 
 
 def _current(path, marker):
@@ -427,16 +712,27 @@ def _current(path, marker):
 
 # ----------------------------------------------------------------------------------------------
 
+def _threads_list(text):
+    return sorted({int(v) for v in text.split(",") if v.strip()})
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, help="write the results as JSON here")
     ap.add_argument("--smoke", action="store_true", help="tiny cases, one round (what CI runs)")
     ap.add_argument("--cases", default="", help="only cases whose label contains this")
+    ap.add_argument("--sections", default=",".join(SECTIONS),
+                    help=f"comma-separated, of {','.join(SECTIONS)} (default all; --smoke "
+                         "leaves out trainer and cold unless named)")
     ap.add_argument("--rounds", type=int, default=15)
-    ap.add_argument("--threads", type=int, default=None, help="numba/torch threads "
-                    "(default: numba's default)")
-    ap.add_argument("--no-scaling", action="store_true")
-    ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--small-rounds", type=int, default=None, help="default: --rounds")
+    ap.add_argument("--threads", type=int, default=None, help="numba/torch threads for the "
+                    "large and fused sections (default: numba's default)")
+    ap.add_argument("--small-threads", default="1,2", help="thread counts of the small section")
+    ap.add_argument("--trainer-steps", type=int, default=200)
+    ap.add_argument("--trainer-repeats", type=int, default=11)
+    ap.add_argument("--no-scaling", action="store_true", help="leave out the scaling section")
+    ap.add_argument("--no-compile", action="store_true", help="leave out the cold section")
     ap.add_argument("--no-docs", action="store_true",
                     help="do not rewrite docs/benchmarks.md and README.md")
     ap.add_argument("--render", type=Path, help="only regenerate the tables from this JSON")
@@ -447,33 +743,83 @@ def main(argv=None):
     if args.render:
         render(json.loads(args.render.read_text()), args.docs, args.readme)
         return 0
+    sections = [s.strip() for s in args.sections.split(",") if s.strip()]
+    unknown = sorted(set(sections) - set(SECTIONS))
+    if unknown:
+        raise SystemExit(f"--sections: unknown {unknown}; expected some of {list(SECTIONS)}")
+    if args.smoke and args.sections == ap.get_default("sections"):
+        sections = [s for s in sections if s not in ("trainer", "cold")]
+    if args.no_scaling:
+        sections = [s for s in sections if s != "scaling"]
+    if args.no_compile:
+        sections = [s for s in sections if s != "cold"]
     if not args.no_docs:      # fail before measuring if a marker is missing
-        for path, marker in ((args.docs, "bench:cpu"), (args.readme, "bench:cpu"),
-                             (args.docs, "bench:cpu-threads"), (args.docs, "bench:cpu-compile")):
-            replace_between(path, marker, _current(path, marker))
+        check_markers(args.docs, args.readme)
     if args.threads:
         registry.set_num_threads(args.threads)
     impls, skipped = registry.available()
     for name, why in skipped.items():
         print(f"skipping {name}: {why}")
-    cases = SMOKE_CASES if args.smoke else FULL_CASES
-    cases = [c for c in cases if args.cases in c.label]
     rounds = 1 if args.smoke else args.rounds
-    fastbn_warmup = __import__("fastbn").warmup(dtypes=("float16", "float32", "float64"))
-    print(f"fastbn.warmup(): {fastbn_warmup:.2f} s")
-    result = {"machine": machine(), "skipped": skipped, "rounds": rounds, "results": []}
-    for case in cases:
-        result["results"] += run_case(case, impls, rounds, slow_rounds=1 if args.smoke else 3)
+    small_rounds = 1 if args.smoke else (args.small_rounds or args.rounds)
+    slow_rounds = 1 if args.smoke else 3
+
+    def pick(cases):
+        return [c for c in cases if args.cases in c.label]
+
+    import fastbn
+    fastbn_warmup = fastbn.warmup(dtypes=("float16", "float32", "float64"))
+    print(f"fastbn.warmup(): {fastbn_warmup:.2f} s", flush=True)
+    result = {"machine": machine(), "skipped": skipped, "rounds": rounds,
+              "small_rounds": small_rounds, "sections": sections, "results": []}
+    if hasattr(fastbn, "output_pool_stats"):
+        result["machine"]["output_pool"] = fastbn.output_pool_stats()
+    else:
+        result["machine"]["output_pool"] = None
+        print("fastbn exports no output pool (fastbn.output_pool_stats): fresh outputs are "
+              "plain np.empty arrays", flush=True)
+    started = time.perf_counter()
+    if "large" in sections:
+        for case in pick(SMOKE_CASES if args.smoke else FULL_CASES):
+            result["results"] += run_case(case, impls, rounds, slow_rounds=slow_rounds)
     result["machine"]["numba_threading_layer"] = _threading_layer()
-    if not args.no_scaling:
+    if "scaling" in sections:
         scale_cases = SMOKE_CASES[-2:] if args.smoke else SCALING_CASES
-        scale_cases = [c for c in scale_cases if args.cases in c.label] or scale_cases[:1]
+        scale_cases = pick(scale_cases) or scale_cases[:1]
         counts = sorted({1, registry.num_threads()})
         result["thread_scaling"] = run_scaling(scale_cases, impls, rounds, counts)
-    if not args.no_compile:
-        from . import compile_time
-        result["compile"] = compile_time.measure()
-        print(compile_table(result["compile"]))
+    if "small" in sections:
+        small = pick(SMOKE_CASES if args.smoke else SMALL_CASES)
+        result["small"] = run_at_threads(small, impls, small_rounds,
+                                         _threads_list(args.small_threads), section="small",
+                                         slow_rounds=slow_rounds)
+    if "fused" in sections:
+        if hasattr(fastbn, "batch_norm_act_forward"):
+            fused_impls, fused_skipped = registry.available(table=registry.FUSED_IMPLEMENTATIONS)
+            result["skipped"].update({f"fused {k}": v for k, v in fused_skipped.items()})
+            result["fused"] = []
+            for case in pick(SMOKE_FUSED_CASES if args.smoke else FUSED_CASES):
+                result["fused"] += run_case(case, fused_impls, rounds, ops=FUSED_OPERATIONS,
+                                            slow_rounds=slow_rounds, section="fused")
+        else:
+            print("fastbn has no batch_norm_act_forward: no fused section", flush=True)
+    if "trainer" in sections:
+        steps, repeats = (5, 1) if args.smoke else (args.trainer_steps, args.trainer_repeats)
+        result["trainer"] = run_trainer(_threads_list(args.small_threads), steps, repeats)
+    if "tasks" in sections:
+        cases = pick(SMOKE_CASES if args.smoke else FULL_CASES + SMALL_CASES)
+        try:
+            table, note = task_counts(cases)
+        except Exception as e:                         # the cpu plan changed shape
+            table, note = None, f"task counts unavailable: {type(e).__name__}: {e}"
+        result["tasks"] = {"table": table, "note": note}
+        print(tasks_table(result["tasks"]))
+    if "cold" in sections:
+        from . import cold_start
+        result["cold_start"] = cold_start.measure()
+        print(cold_table(result["cold_start"]))
+    result["elapsed_s"] = time.perf_counter() - started
+    print(f"measured in {result['elapsed_s']:.0f} s", flush=True)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=1))

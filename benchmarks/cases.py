@@ -14,8 +14,20 @@ from math import prod
 import numpy as np
 
 OPERATIONS = ("fwd-train", "eval", "backward", "moments")
+# the fused ops (fastbn.batch_norm_act_forward / _backward) as relu(bn(x) + residual)
+FUSED_OPERATIONS = ("act-fwd-train", "act-backward")
+# keeps relu away from its kink: no element of bn(x) + residual lies within this of zero, so
+# every implementation (float16 to float64) agrees on which elements relu passes
+RELU_MARGIN = 0.05
 EPS = 1e-5
 MOMENTUM = 0.1
+
+
+# x-sized tensors each operation must read or write: fwd-train and eval read x and write y;
+# backward reads x and dy and writes dx; the fused forward also reads the residual, the fused
+# backward reads dy, y and x and writes dx and dresidual
+TENSORS_MOVED = {"fwd-train": 2, "eval": 2, "backward": 3, "moments": 1,
+                 "act-fwd-train": 3, "act-backward": 5}
 
 
 @dataclass(frozen=True)
@@ -48,8 +60,7 @@ class Case:
 
     def bytes_moved(self, op):
         """Bytes the operation must read and write (per-channel vectors neglected)."""
-        tensors = {"fwd-train": 2, "eval": 2, "backward": 3, "moments": 1}[op]
-        return tensors * self.nbytes
+        return TENSORS_MOVED[op] * self.nbytes
 
     def allocate(self, values=None):
         """An uninitialized (or filled) array of this case's shape in its memory layout."""
@@ -105,6 +116,33 @@ class Problem:
     def output_like_x(self):
         return self.case.allocate()
 
+    def residual(self):
+        """The fused ops' residual z (x's layout and dtype), drawn so that bn(x) + z is never
+        within RELU_MARGIN of zero; cached."""
+        if "residual" not in self.extra:
+            case = self.case
+            rng = np.random.default_rng(1)
+            x = self.logical(self.x)
+            shape = [1] * x.ndim
+            shape[1] = case.channels
+            mean, invstd = (v.astype(np.float64).reshape(shape)
+                            for v in (self.saved_mean, self.saved_invstd))
+            gamma, beta = (v.astype(np.float64).reshape(shape) for v in (self.gamma, self.beta))
+            pre = (x.astype(np.float64) - mean) * invstd * gamma + beta
+            z = rng.standard_normal(x.shape)
+            near = np.abs(pre + z) < RELU_MARGIN
+            z[near] += 2 * RELU_MARGIN * np.where(pre[near] + z[near] >= 0, 1, -1)
+            z = z.astype(case.dtype)
+            # rounding z to the dtype must not bring any element back near zero
+            bad = np.abs(pre + z) < RELU_MARGIN / 2
+            z[bad] += np.asarray(RELU_MARGIN, case.dtype)
+            self.extra["residual"] = case.allocate(z)
+        return self.extra["residual"]
+
+    def logical(self, a):
+        """a (in the case's memory layout) as the logical NCHW / NC array (a view)."""
+        return np.moveaxis(a, -1, 1) if self.case.layout == "NHWC" else a
+
     def stats_vector(self):
         return np.empty(self.case.channels, self.saved_mean.dtype)
 
@@ -148,3 +186,28 @@ SMOKE_CASES = tuple(
     + [Case("smoke parallel", (5, 7, 31, 37), "NCHW", "float32"),
        Case("smoke parallel", (5, 7, 31, 37), "NHWC", "float32")]
 )
+
+
+# Small and medium tensors (issue 10), timed at 1 and 2 threads: the paper's MLP batch, a wider
+# MLP batch, a small conv feature map in both layouts, and a medium one.
+SMALL_SHAPES = (("mlp paper", (60, 100), "NC"), ("mlp", (256, 512), "NC"),
+                ("conv small", (32, 64, 8, 8), "NCHW"), ("conv small", (32, 64, 8, 8), "NHWC"),
+                ("conv medium", (16, 128, 28, 28), "NCHW"))
+SMALL_CASES = tuple(Case(name, shape, layout, dtype)
+                    for name, shape, layout in SMALL_SHAPES
+                    for dtype in ("float16", "float32", "float64"))
+
+# The fused BN + residual + relu (ResNet's block tail): float32, both layouts, a large tensor,
+# one past the last-level cache of most machines, a short-run one, and the medium ones.
+FUSED_CASES = (
+    [Case("resnet50 conv2_x", (64, 64, 56, 56), layout, "float32") for layout in ("NCHW", "NHWC")]
+    + [Case("resnet50 conv2_x out", (64, 256, 56, 56), "NCHW", "float32"),
+       Case("resnet50 conv4_x out", (64, 1024, 14, 14), "NCHW", "float32"),
+       Case("conv medium", (16, 128, 28, 28), "NCHW", "float32"),
+       Case("conv small", (32, 64, 8, 8), "NHWC", "float32")]
+)
+
+SMOKE_FUSED_CASES = (Case("smoke", (3, 5, 7, 9), "NCHW", "float32"),
+                     Case("smoke", (3, 5, 7, 9), "NHWC", "float64"),
+                     Case("smoke", (13, 7), "NC", "float16"),
+                     Case("smoke parallel", (5, 7, 31, 37), "NCHW", "float32"))

@@ -1,27 +1,30 @@
 """One registry of "the same operation in each library", used by the benchmarks and the tests.
 
 Every implementation turns a :class:`~benchmarks.cases.Problem` into one zero-argument callable
-per operation. A callable runs the operation into preallocated outputs where the library allows
-it (so that no implementation pays page faults for fresh output buffers) and returns the outputs
-as a tuple:
+per operation it offers, returning the outputs as a tuple:
 
-=============  =========================
+=============  =========================================================================
 operation      outputs
-=============  =========================
+=============  =========================================================================
 fwd-train      y, batch mean, invstd (the running statistics are updated in place)
 eval           y
 backward       dx, dgamma, dbeta
 moments        mean, biased variance
-=============  =========================
+act-fwd-train  y = relu(bn(x) + residual), batch mean, invstd (torch: y only)
+act-backward   dx, dgamma, dbeta, dresidual of that
+=============  =========================================================================
 
-``copy-numpy`` and ``copy-numba`` are the memory floor: a plain copy of x's memory into y's, for
-every operation; the floor of a case is the faster of the two.
+Each library is timed twice where its API allows: the default call, which returns fresh
+outputs (what users write: ``fastbn``, ``torch``), and the call into preallocated outputs
+(``fastbn-out``, ``torch-out``), which pays no page faults for new output memory.
+``copy-numpy`` and ``copy-numba`` are the memory floor: a plain copy of x's memory into a
+preallocated array, for every operation; the floor of a case is the faster of the two.
 """
 import numpy as np
 
 import fastbn
 
-from .cases import EPS, MOMENTUM, OPERATIONS
+from .cases import EPS, FUSED_OPERATIONS, MOMENTUM, OPERATIONS
 
 # relative tolerances against the float64 reference, as in tests/_cases.py
 RTOL = {"float16": 4e-3, "float32": 2e-5, "float64": 1e-10}
@@ -58,54 +61,137 @@ class Implementation:
         """None, or why this implementation cannot run here."""
         return None
 
-    def prepare(self, problem):
-        """{operation: callable} for this problem."""
+    def prepare(self, problem, ops=OPERATIONS):
+        """{operation: callable} for this problem, for those of ``ops`` it offers."""
         raise NotImplementedError
 
 
-class Fastbn(Implementation):
-    """fastbn's public API on one backend."""
+def _has_fused():
+    return hasattr(fastbn, "batch_norm_act_forward") and hasattr(fastbn, "batch_norm_act_backward")
 
-    def __init__(self, backend, name):
+
+def act_forward_output(p):
+    """The fused forward's y on the reference backend: the act-backward's input (cached)."""
+    if "act_y" not in p.extra:
+        p.extra["act_y"] = fastbn.batch_norm_act_forward(
+            p.x, p.gamma, p.beta, activation="relu", residual=p.residual(), axis=p.case.axis,
+            eps=EPS, training=True, backend="reference").y
+    return p.extra["act_y"]
+
+
+class Fastbn(Implementation):
+    """fastbn's public API on one backend: the default call (fresh outputs), or with ``out=``
+    preallocated outputs."""
+
+    def __init__(self, backend, name, out=False):
         self.backend = backend
         self.name = name
+        self.out = out
         self.slow = backend == "reference"
 
-    def prepare(self, p):
+    def prepare(self, p, ops=OPERATIONS):
         axis, backend = p.case.axis, self.backend
-        y = p.output_like_x()
-        dx = p.output_like_x()
-        mean, invstd = p.stats_vector(), p.stats_vector()
-        dgamma, dbeta = p.stats_vector(), p.stats_vector()
+        if self.out:
+            y, dx = p.output_like_x(), p.output_like_x()
+            forward_out = (y, p.stats_vector(), p.stats_vector())
+            backward_out = (dx, p.stats_vector(), p.stats_vector())
+        else:
+            forward_out = backward_out = None
         running_mean, running_var = p.running_mean.copy(), p.running_var.copy()
 
         def fwd_train():
             return tuple(fastbn.batch_norm_forward(
                 p.x, p.gamma, p.beta, axis=axis, eps=EPS, training=True,
                 running_mean=running_mean, running_var=running_var, momentum=MOMENTUM,
-                out=(y, mean, invstd), backend=backend))
+                out=forward_out, backend=backend))
 
         def eval_():
             return fastbn.batch_norm_forward(
                 p.x, p.gamma, p.beta, axis=axis, eps=EPS, training=False,
                 running_mean=p.running_mean, running_var=p.running_var,
-                out=(y, mean, invstd), backend=backend).y,
+                out=forward_out, backend=backend).y,
 
         def backward():
             return tuple(fastbn.batch_norm_backward(
                 p.dy, p.x, p.saved_mean, p.saved_invstd, p.gamma, axis=axis, training=True,
-                out=(dx, dgamma, dbeta), backend=backend))
+                out=backward_out, backend=backend))
 
         def moments():
-            return fastbn.moments(p.x, axis=axis, backend=backend)
+            return tuple(fastbn.moments(p.x, axis=axis, backend=backend))
 
-        return {"fwd-train": fwd_train, "eval": eval_, "backward": backward, "moments": moments}
+        offered = {"fwd-train": fwd_train, "eval": eval_, "backward": backward,
+                   "moments": moments}
+        if _has_fused() and set(ops) & set(FUSED_OPERATIONS):
+            offered.update(self._fused(p, running_mean, running_var))
+        return offered
+
+    def _fused(self, p, running_mean, running_var):
+        axis, backend = p.case.axis, self.backend
+        residual = p.residual()
+        if self.out:
+            forward_out = (p.output_like_x(), p.stats_vector(), p.stats_vector())
+            backward_out = (p.output_like_x(), p.stats_vector(), p.stats_vector(),
+                            p.output_like_x())
+        else:
+            forward_out = backward_out = None
+
+        def act_fwd_train():
+            return tuple(fastbn.batch_norm_act_forward(
+                p.x, p.gamma, p.beta, activation="relu", residual=residual, axis=axis, eps=EPS,
+                training=True, running_mean=running_mean, running_var=running_var,
+                momentum=MOMENTUM, out=forward_out, backend=backend))
+
+        def act_backward():
+            return tuple(fastbn.batch_norm_act_backward(
+                p.dy, y, p.x, p.saved_mean, p.saved_invstd, p.gamma, activation="relu",
+                residual=True, axis=axis, training=True, out=backward_out, backend=backend))
+
+        y = act_forward_output(p)
+        return {"act-fwd-train": act_fwd_train, "act-backward": act_backward}
+
+
+class FastbnComposed(Implementation):
+    """The fused ops written with fastbn's plain ops and NumPy, as a user would without them:
+    ``batch_norm_forward``, then ``y += residual`` and ``relu`` in place on its fresh y; the
+    backward masks dy by ``y > 0`` (a fresh array, also the residual's gradient) and calls
+    ``batch_norm_backward``."""
+    name = "fastbn-composed"
+
+    def prepare(self, p, ops=FUSED_OPERATIONS):
+        axis = p.case.axis
+        residual = p.residual()
+        running_mean, running_var = p.running_mean.copy(), p.running_var.copy()
+        y = act_forward_output(p)
+
+        def act_fwd_train():
+            out = fastbn.batch_norm_forward(
+                p.x, p.gamma, p.beta, axis=axis, eps=EPS, training=True,
+                running_mean=running_mean, running_var=running_var, momentum=MOMENTUM)
+            np.add(out.y, residual, out=out.y)
+            np.maximum(out.y, 0, out=out.y)
+            return tuple(out)
+
+        def act_backward():
+            dpre = p.dy * (y > 0)
+            grads = fastbn.batch_norm_backward(dpre, p.x, p.saved_mean, p.saved_invstd, p.gamma,
+                                               axis=axis, training=True)
+            return tuple(grads) + (dpre,)
+
+        return {"act-fwd-train": act_fwd_train, "act-backward": act_backward}
 
 
 class Torch(Implementation):
-    """PyTorch's CPU kernels (ATen native_batch_norm and its backward, var_mean), on the same
-    number of threads as numba; the ``.out`` overloads write into preallocated tensors."""
-    name = "torch"
+    """PyTorch's CPU kernels on the same number of threads as numba.
+
+    The default call returns fresh outputs: ``torch.native_batch_norm`` (what
+    ``F.batch_norm`` runs, without its Python wrapper) and ``aten::native_batch_norm_backward``
+    (what autograd runs), ``torch.var_mean``; the fused ops as torchvision's ResNet writes
+    them, ``F.batch_norm`` then ``add_`` and ``relu_``, with the backward by autograd. With
+    ``out=True`` the ``.out`` overloads write into preallocated tensors."""
+
+    def __init__(self, out=False):
+        self.out = out
+        self.name = "torch-out" if out else "torch"
 
     def unavailable(self):
         try:
@@ -114,7 +200,7 @@ class Torch(Implementation):
             return "torch is not installed"
         return None
 
-    def prepare(self, p):
+    def prepare(self, p, ops=OPERATIONS):
         import torch
         torch.set_num_threads(num_threads())
         aten = torch.ops.aten
@@ -134,34 +220,85 @@ class Torch(Implementation):
         running_var = torch.from_numpy(p.running_var.copy())
         eval_mean, eval_var = torch.from_numpy(p.running_mean), torch.from_numpy(p.running_var)
         saved_mean, saved_invstd = torch.from_numpy(p.saved_mean), torch.from_numpy(p.saved_invstd)
-        y, dx = torch.empty_like(x), torch.empty_like(x)
-        mean, invstd = torch.empty_like(gamma), torch.empty_like(gamma)
-        eval_save = torch.empty(0, dtype=gamma.dtype), torch.empty(0, dtype=gamma.dtype)
-        dgamma, dbeta = torch.empty_like(gamma), torch.empty_like(gamma)
         reduce = [d for d in range(x.dim()) if d != 1]
         mask = [True, True, True]
-
-        def fwd_train():
-            aten.native_batch_norm.out(x, gamma, beta, running_mean, running_var, True,
-                                       MOMENTUM, EPS, out=y, save_mean=mean, save_invstd=invstd)
-            return array(y), mean.numpy(), invstd.numpy()
-
-        def eval_():
-            aten.native_batch_norm.out(x, gamma, beta, eval_mean, eval_var, False, MOMENTUM, EPS,
-                                       out=y, save_mean=eval_save[0], save_invstd=eval_save[1])
-            return array(y),
-
-        def backward():
-            aten.native_batch_norm_backward.out(dy, x, gamma, running_mean, running_var,
-                                                saved_mean, saved_invstd, True, EPS, mask,
-                                                out0=dx, out1=dgamma, out2=dbeta)
-            return array(dx), dgamma.numpy(), dbeta.numpy()
 
         def moments():
             var, mean_ = torch.var_mean(x, dim=reduce, correction=0)
             return mean_.numpy(), var.numpy()
 
-        return {"fwd-train": fwd_train, "eval": eval_, "backward": backward, "moments": moments}
+        if self.out:
+            y, dx = torch.empty_like(x), torch.empty_like(x)
+            mean, invstd = torch.empty_like(gamma), torch.empty_like(gamma)
+            eval_save = torch.empty(0, dtype=gamma.dtype), torch.empty(0, dtype=gamma.dtype)
+            dgamma, dbeta = torch.empty_like(gamma), torch.empty_like(gamma)
+
+            def fwd_train():
+                aten.native_batch_norm.out(x, gamma, beta, running_mean, running_var, True,
+                                           MOMENTUM, EPS, out=y, save_mean=mean,
+                                           save_invstd=invstd)
+                return array(y), mean.numpy(), invstd.numpy()
+
+            def eval_():
+                aten.native_batch_norm.out(x, gamma, beta, eval_mean, eval_var, False, MOMENTUM,
+                                           EPS, out=y, save_mean=eval_save[0],
+                                           save_invstd=eval_save[1])
+                return array(y),
+
+            def backward():
+                aten.native_batch_norm_backward.out(dy, x, gamma, running_mean, running_var,
+                                                    saved_mean, saved_invstd, True, EPS, mask,
+                                                    out0=dx, out1=dgamma, out2=dbeta)
+                return array(dx), dgamma.numpy(), dbeta.numpy()
+
+            return {"fwd-train": fwd_train, "eval": eval_, "backward": backward,
+                    "moments": moments}
+
+        native_batch_norm = torch.native_batch_norm
+        native_backward = aten.native_batch_norm_backward
+
+        def fwd_train():
+            y, mean, invstd = native_batch_norm(x, gamma, beta, running_mean, running_var, True,
+                                                MOMENTUM, EPS)
+            return array(y), mean.numpy(), invstd.numpy()
+
+        def eval_():
+            return array(native_batch_norm(x, gamma, beta, eval_mean, eval_var, False, MOMENTUM,
+                                           EPS)[0]),
+
+        def backward():
+            dx, dgamma, dbeta = native_backward(dy, x, gamma, running_mean, running_var,
+                                                saved_mean, saved_invstd, True, EPS, mask)
+            return array(dx), dgamma.numpy(), dbeta.numpy()
+
+        offered = {"fwd-train": fwd_train, "eval": eval_, "backward": backward,
+                   "moments": moments}
+        if set(ops) & set(FUSED_OPERATIONS):
+            offered.update(self._fused(p, tensor, array, gamma, beta))
+        return offered
+
+    def _fused(self, p, tensor, array, gamma, beta):
+        import torch
+        from torch.nn import functional as F
+        x, dy, residual = tensor(p.x), tensor(p.dy), tensor(p.residual())
+        running_mean = torch.from_numpy(p.running_mean.copy())
+        running_var = torch.from_numpy(p.running_var.copy())
+
+        def act_fwd_train():
+            y = F.batch_norm(x, running_mean, running_var, gamma, beta, True, MOMENTUM, EPS)
+            return array(y.add_(residual).relu_()),
+
+        # one recorded forward; each timed call is the autograd backward through it
+        leaves = [t.detach().clone().requires_grad_() for t in (x, gamma, beta, residual)]
+        xg, gg, bg, rg = leaves
+        graph_mean, graph_var = running_mean.clone(), running_var.clone()
+        out = F.relu(F.batch_norm(xg, graph_mean, graph_var, gg, bg, True, MOMENTUM, EPS) + rg)
+
+        def act_backward():
+            dx, dgamma, dbeta, dres = torch.autograd.grad(out, leaves, dy, retain_graph=True)
+            return array(dx), dgamma.numpy(), dbeta.numpy(), array(dres)
+
+        return {"act-fwd-train": act_fwd_train, "act-backward": act_backward}
 
 
 _copy_kernel = None
@@ -194,7 +331,7 @@ class Copy(Implementation):
         self.how = how
         self.name = f"copy-{how}"
 
-    def prepare(self, p):
+    def prepare(self, p, ops=OPERATIONS):
         src = memory_of(p.x)
         out = p.output_like_x()
         dst = memory_of(out)
@@ -212,25 +349,40 @@ class Copy(Implementation):
             def copy():
                 kernel(src_bits, dst_bits, blocks)
                 return out,
-        return {op: copy for op in OPERATIONS}
+        return {op: copy for op in OPERATIONS + FUSED_OPERATIONS}
 
 
 IMPLEMENTATIONS = {
     "fastbn": Fastbn("cpu", "fastbn"),
+    "fastbn-out": Fastbn("cpu", "fastbn-out", out=True),
     "reference": Fastbn("reference", "reference"),
     "torch": Torch(),
+    "torch-out": Torch(out=True),
     "copy-numpy": Copy("numpy"),
     "copy-numba": Copy("numba"),
+}
+# the fused-op benchmark: the fused ops (default call and out=), their composition from plain
+# ops, PyTorch's composition, the reference (validation) and the copy floor
+FUSED_IMPLEMENTATIONS = {
+    "fastbn": IMPLEMENTATIONS["fastbn"],
+    "fastbn-out": IMPLEMENTATIONS["fastbn-out"],
+    "fastbn-composed": FastbnComposed(),
+    "reference": IMPLEMENTATIONS["reference"],
+    "torch": IMPLEMENTATIONS["torch"],
+    "copy-numpy": IMPLEMENTATIONS["copy-numpy"],
+    "copy-numba": IMPLEMENTATIONS["copy-numba"],
 }
 COPY_FLOOR = ("copy-numpy", "copy-numba")
 
 
-def available(names=None):
-    """{name: implementation} of those that can run here, and {name: reason} of the others."""
-    names = IMPLEMENTATIONS if names is None else names
+def available(names=None, table=None):
+    """{name: implementation} of those that can run here, and {name: reason} of the others
+    (from ``table``, default IMPLEMENTATIONS)."""
+    table = IMPLEMENTATIONS if table is None else table
+    names = table if names is None else names
     ok, skipped = {}, {}
     for name in names:
-        impl = IMPLEMENTATIONS[name]
+        impl = table[name]
         reason = impl.unavailable()
         if reason is None:
             ok[name] = impl
@@ -264,6 +416,8 @@ def validate(name, op, outputs, reference_outputs, problem):
     dtype = problem.case.dtype
     if name in COPY_FLOOR:
         return 0.0 if np.array_equal(outputs[0], problem.x) else np.inf
+    if len(outputs) > len(reference_outputs):
+        return np.inf
     rtol = RTOL[dtype]
     worst = 0.0
     for got, want in zip(outputs, reference_outputs):
