@@ -11,14 +11,19 @@ Method (docs/cuda.md):
   and an MLP batch (60, 100) whose cost is launch overhead. Operations: fwd-train (batch
   statistics, normalization, running-statistics update), eval, backward (dx, dgamma, dbeta).
 * Variants: ``fastbn`` (the public API on numba device arrays viewing the same memory as the
-  PyTorch tensors, outputs preallocated), ``torch`` (``torch.nn.functional.batch_norm``, and its
-  autograd backward: cuDNN or ATen, as PyTorch picks) and ``copy`` (a device-to-device copy of x,
-  the memory floor).
+  PyTorch tensors, outputs preallocated, gamma/beta/running statistics in float32 as PyTorch
+  keeps them), ``fastbn-torch`` (the call users make: PyTorch tensors in, fresh outputs),
+  ``fastbn-graph`` (the ``fastbn`` calls captured once in a CUDA graph with
+  ``torch.cuda.graph`` and replayed: the capture test, and the time without host launch cost),
+  ``torch`` (``torch.nn.functional.batch_norm``, and its autograd backward: cuDNN or ATen, as
+  PyTorch picks) and ``copy`` (a device-to-device copy of x, the memory floor).
 * Every variant is validated against the NumPy float64 reference before it is timed (on three
   channels of the case: every channel is computed independently, so this checks the launch
   configuration the full case uses without a float64 copy of 800 MB tensors).
-* Timing: CUDA events on the default stream around one call, after warm-up (compilation,
-  cuDNN autotuning), repeated; the median is reported.
+* Timing: CUDA events on the stream the variant launches on, around one call, after warm-up
+  (compilation, cuDNN autotuning), repeated; the median is reported. ``host_us`` is the median
+  host time of the call itself (launching, not waiting): the launch overhead, which bounds small
+  tensors such as the MLP batch.
 * Bytes: ``gbps`` counts the bytes an operation must move (fwd-train and eval: read x, write y;
   backward: read x and dy, write dx); ``copy_fraction`` is that rate over the copy's rate
   (2 * nbytes(x) / t_copy) measured in the same run. ``torch_ratio`` = t_torch / t_fastbn
@@ -217,33 +222,93 @@ def _permuted(device_array, perm):
 # ----------------------------------------------------------------------------------------------
 # the variants: {op: callable} for one case; each callable returns its outputs
 
-def fastbn_variant(t):
+def fastbn_variant(t, stream=None):
+    """The public API on numba device arrays, preallocated outputs; ``stream``: an integer
+    handle every launch goes to (None: the default stream)."""
     from numba import cuda
     be = fastbn.backends.load("cuda")
     sdtype = fastbn.stats_dtype(t.case.dtype)
-    gamma = cuda.to_device(t.gamma.astype(np.float64))
-    beta = cuda.to_device(t.beta.astype(np.float64))
-    running_mean, running_var = cuda.to_device(t.running_mean), cuda.to_device(t.running_var)
-    eval_mean, eval_var = cuda.to_device(t.running_mean), cuda.to_device(t.running_var)
+    gamma = cuda.to_device(t.gamma.astype(sdtype))
+    beta = cuda.to_device(t.beta.astype(sdtype))
+    running_mean = cuda.to_device(t.running_mean.astype(sdtype))
+    running_var = cuda.to_device(t.running_var.astype(sdtype))
+    eval_mean = cuda.to_device(t.running_mean.astype(sdtype))
+    eval_var = cuda.to_device(t.running_var.astype(sdtype))
     y, dx = be.empty_like(t.d_x), be.empty_like(t.d_x)
     mean, invstd, dgamma, dbeta = (cuda.device_array(t.case.channels, sdtype) for _ in range(4))
-    saved = fastbn.batch_norm_forward(t.d_x, gamma, beta, eps=EPS)
+    saved = fastbn.batch_norm_forward(t.d_x, gamma, beta, eps=EPS, stream=stream)
 
     def fwd_train():
         return fastbn.batch_norm_forward(t.d_x, gamma, beta, eps=EPS, training=True,
                                          running_mean=running_mean, running_var=running_var,
-                                         momentum=MOMENTUM, out=(y, mean, invstd))
+                                         momentum=MOMENTUM, out=(y, mean, invstd), stream=stream)
 
     def eval_():
         return fastbn.batch_norm_forward(t.d_x, gamma, beta, eps=EPS, training=False,
                                          running_mean=eval_mean, running_var=eval_var,
-                                         out=(y, None, None))
+                                         out=(y, None, None), stream=stream)
 
     def backward():
         return fastbn.batch_norm_backward(t.d_dy, t.d_x, saved.mean, saved.invstd, gamma,
-                                          out=(dx, dgamma, dbeta))
+                                          out=(dx, dgamma, dbeta), stream=stream)
 
     return {"fwd-train": fwd_train, "eval": eval_, "backward": backward}
+
+
+def fastbn_torch_variant(t):
+    """The call users make: PyTorch tensors in, no out= (fresh outputs every call)."""
+    torch = t.torch
+    gamma, beta = torch.as_tensor(t.gamma, device="cuda"), torch.as_tensor(t.beta, device="cuda")
+    running_mean = torch.as_tensor(t.running_mean, device="cuda").clone()
+    running_var = torch.as_tensor(t.running_var, device="cuda").clone()
+    saved = fastbn.batch_norm_forward(t.x, gamma, beta, eps=EPS)
+
+    def fwd_train():
+        return fastbn.batch_norm_forward(t.x, gamma, beta, eps=EPS, running_mean=running_mean,
+                                         running_var=running_var, momentum=MOMENTUM)
+
+    def eval_():
+        return fastbn.batch_norm_forward(t.x, gamma, beta, eps=EPS, training=False,
+                                         running_mean=running_mean, running_var=running_var)[:1]
+
+    def backward():
+        return fastbn.batch_norm_backward(t.dy, t.x, saved.mean, saved.invstd, gamma)
+
+    return {"fwd-train": fwd_train, "eval": eval_, "backward": backward}
+
+
+class GraphVariant:
+    """The fastbn calls captured in a CUDA graph (torch.cuda.graph) on a side stream: replaying
+    it is one host call. Capturing at all checks that an operation makes no host wait, no
+    device-to-host copy and no launch outside the capturing stream."""
+
+    def __init__(self, t):
+        torch = t.torch
+        self.torch = torch
+        self.stream = torch.cuda.Stream()
+        self.fns = fastbn_variant(t, stream=self.stream.cuda_stream)
+        self.graphs, self.outputs, self.errors = {}, {}, {}
+        for op, fn in self.fns.items():
+            try:
+                with torch.cuda.stream(self.stream):
+                    fn()                      # compile and create the scratch before capture
+                self.stream.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, stream=self.stream):
+                    self.outputs[op] = tuple(fn())
+                self.graphs[op] = graph
+            except Exception as exc:  # noqa: BLE001 - report the capture failure per op
+                self.errors[op] = f"{type(exc).__name__}: {exc}"
+
+    def variant(self):
+        def replay(op):
+            def run():
+                if op in self.errors:
+                    raise RuntimeError(f"capture failed: {self.errors[op]}")
+                self.graphs[op].replay()
+                return self.outputs[op]
+            return run
+        return {op: replay(op) for op in self.fns}
 
 
 def torch_variant(t):
@@ -336,44 +401,61 @@ def validate(t, op, outputs, variant):
     return worst
 
 
-def time_cuda(fn, reps, warmup):
-    """(median, min) milliseconds of fn() between two CUDA events on the default stream (under
-    the simulator, which records no event times, host wall time: meaningless but positive)."""
+def time_cuda(fn, reps, warmup, stream=None):
+    """(median, min) milliseconds of fn() between two CUDA events on ``stream`` (a numba stream;
+    None: the default stream), and the median host microseconds of the call itself. Under the
+    simulator, which records no event times, the event time is host wall time: meaningless."""
     from numba import cuda
     from fastbn.backends import cuda as cuda_backend
     for _ in range(warmup):
         fn()
     cuda.synchronize()
     start, end = cuda.event(), cuda.event()
-    samples = []
+    samples, host = [], []
+    record_on = stream if stream is not None else 0
     for _ in range(reps):
         wall = time.perf_counter()
-        start.record()
+        start.record(record_on)
+        called = time.perf_counter()
         fn()
-        end.record()
+        host.append((time.perf_counter() - called) * 1e6)
+        end.record(record_on)
         end.synchronize()
         if cuda_backend.SIMULATOR:
             samples.append((time.perf_counter() - wall) * 1e3)
         else:
             samples.append(start.elapsed_time(end))
-    return float(np.median(samples)), float(np.min(samples))
+    return float(np.median(samples)), float(np.min(samples)), float(np.median(host))
 
 
 def run_case(case, reps, warmup, ops=OPS):
     t = Tensors(case)
     variants = {"fastbn": fastbn_variant(t), "copy": copy_variant(t)}
+    streams = {}
     if t.torch is not None:
+        from numba import cuda
+        variants["fastbn-torch"] = fastbn_torch_variant(t)
+        graph = GraphVariant(t)
+        variants["fastbn-graph"] = graph.variant()
+        streams["fastbn-graph"] = cuda.external_stream(graph.stream.cuda_stream)
         variants["torch"] = torch_variant(t)
     rows = []
     for op in ops:
         row = {"case": case.label, "shape": list(case.shape), "layout": case.layout,
                "dtype": case.dtype, "op": op, "nbytes_x": t.nbytes, "variants": {}}
         for name, fns in variants.items():
-            outputs = tuple(fns[op]())
+            try:
+                outputs = tuple(fns[op]())
+            except Exception as exc:  # noqa: BLE001 - e.g. a failed graph capture: report it
+                row["variants"][name] = {"valid": False, "error": f"{type(exc).__name__}: {exc}"}
+                continue
+            if name == "fastbn-graph":
+                t.torch.cuda.synchronize()
             error = validate(t, op, outputs, name)
             entry = {"max_error_over_tolerance": error, "valid": error <= 1.0}
             if entry["valid"]:
-                entry["median_ms"], entry["min_ms"] = time_cuda(fns[op], reps, warmup)
+                entry["median_ms"], entry["min_ms"], entry["host_us"] = time_cuda(
+                    fns[op], reps, warmup, streams.get(name))
             row["variants"][name] = entry
         _derive(row)
         rows.append(row)
@@ -397,6 +479,10 @@ def _derive(row):
         row["torch_ratio"] = torch["median_ms"] / fast["median_ms"]
     else:
         row["torch_ratio"] = None
+    users = variants.get("fastbn-torch", {})
+    row["torch_ratio_torch_tensors"] = (torch["median_ms"] / users["median_ms"]
+                                        if "median_ms" in users and "median_ms" in torch
+                                        else None)
 
 
 def _fmt(value, spec):
@@ -411,8 +497,8 @@ def _line(row):
     fast = row["variants"]["fastbn"]
     return (f"{row['case']:<28} {row['op']:<9} fastbn {_fmt(fast.get('median_ms'), '.3f')} ms "
             f"{_fmt(fast.get('gbps'), '.0f')} GB/s ({_fmt(fast.get('copy_fraction'), '.0%')} of "
-            f"copy)  vs torch {_ratio(row.get('torch_ratio'))}"
-            + ("" if fast["valid"] else "  INVALID"))
+            f"copy), host {_fmt(fast.get('host_us'), '.0f')} us  vs torch "
+            f"{_ratio(row.get('torch_ratio'))}" + ("" if fast["valid"] else "  INVALID"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -427,8 +513,8 @@ def render_markdown(result):
              f"numba-cuda {m.get('numba_cuda')}, PyTorch {m.get('torch')}, "
              f"cuDNN {m.get('cudnn')}; {m.get('date')}.", "",
              "| case | op | fastbn ms | PyTorch ms | copy ms | fastbn GB/s | of copy "
-             "| vs PyTorch |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
+             "| vs PyTorch | host us/call | torch-tensor call vs PyTorch | graph replay ms |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in result["rows"]:
         v = row["variants"]
         fast = v["fastbn"]
@@ -439,12 +525,24 @@ def render_markdown(result):
         lines.append(f"| {row['case']} | {row['op']} | {ms} | {torch_ms} "
                      f"| {_fmt(v.get('copy', {}).get('median_ms'), '.3f')} "
                      f"| {_fmt(fast.get('gbps'), '.0f')} | {_fmt(fast.get('copy_fraction'), '.0%')}"
-                     f" | {_ratio(row.get('torch_ratio'))} |")
+                     f" | {_ratio(row.get('torch_ratio'))} | {_fmt(fast.get('host_us'), '.0f')}"
+                     f" | {_ratio(row.get('torch_ratio_torch_tensors'))}"
+                     f" | {_graph_cell(v.get('fastbn-graph'))} |")
     lines += ["", "GB/s counts the bytes an operation must move (fwd-train, eval: read x + "
               "write y; backward: read x and dy + write dx). 'of copy' is that rate over a "
               "device-to-device copy's in the same run; 'vs PyTorch' = PyTorch time / fastbn "
-              "time (above 1.00x: fastbn faster)."]
+              "time (above 1.00x: fastbn faster). 'host us/call': host time of one fastbn call "
+              "(launch overhead). 'torch-tensor call': fastbn given PyTorch tensors and no out=. "
+              "'graph replay': the same calls captured in a CUDA graph (torch.cuda.graph)."]
     return "\n".join(lines) + "\n"
+
+
+def _graph_cell(entry):
+    if entry is None:
+        return "-"
+    if not entry.get("valid"):
+        return "CAPTURE FAILED" if "error" in entry else "INVALID"
+    return _fmt(entry.get("median_ms"), ".3f")
 
 
 def _parse_shape(text):

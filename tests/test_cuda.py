@@ -1,14 +1,18 @@
-"""The cuda backend: dispatch, zero-copy, launch configurations, determinism, real compilation.
+"""The cuda backend: the contract's operations on device arrays against the reference, launch and
+copy budgets, streams, array types, determinism, real compilation.
 
 Three ways this file runs:
 
-* simulator lane: ``FASTBN_TEST_BACKENDS=cuda NUMBA_ENABLE_CUDASIM=1 pytest tests/test_backends.py
-  tests/test_errors.py tests/test_cuda.py`` (the variable set before Python starts). The kernels
-  run on numba's simulator; ``gpu`` tests skip.
+* simulator lane: ``FASTBN_TEST_BACKENDS=cuda NUMBA_ENABLE_CUDASIM=1 pytest tests/test_cuda.py``
+  (the variable set before Python starts). The kernels run on numba's simulator; ``gpu`` tests
+  skip.
 * real-GPU lane: the same command without NUMBA_ENABLE_CUDASIM, on a machine with a GPU.
-* default lane (no GPU, no simulator): the device tests skip, the PTX compilation test compiles
-  every kernel with the real CUDA compiler (NVVM), and the missing-GPU error is checked for real.
+* default lane (no GPU, no simulator): the device tests skip, the PTX test compiles every kernel
+  signature the launchers use (recorded by running them under the simulator in a subprocess) with
+  the real CUDA compiler (NVVM) and assembles it with ptxas, and the missing-GPU error is checked
+  for real.
 """
+import contextlib
 import importlib
 import importlib.util
 import json
@@ -16,14 +20,18 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from hypothesis import assume, given
+from hypothesis import strategies as st
 
 import fastbn
 from fastbn import _config, backends
+from fastbn.backends import reference
 
 numba_cuda_installed = importlib.util.find_spec("numba_cuda") is not None
 if not numba_cuda_installed:
@@ -38,12 +46,15 @@ HAS_DEVICE = SIMULATOR or REAL_GPU
 needs_device = pytest.mark.skipif(not HAS_DEVICE,
                                   reason="no CUDA GPU and NUMBA_ENABLE_CUDASIM is not set")
 needs_gpu = pytest.mark.skipif(not REAL_GPU, reason="needs a real CUDA GPU (simulator off)")
-
+needs_simulator = pytest.mark.skipif(not SIMULATOR, reason="counts launches through numba's "
+                                                           "simulator (NUMBA_ENABLE_CUDASIM=1)")
 
 # small_launch grids are far below numba-cuda's 128-block performance hint on a real GPU
 pytestmark = pytest.mark.filterwarnings("ignore:Grid size .* under-utilization")
 
 RTOL = {"float16": 4e-3, "float32": 2e-5, "float64": 1e-10}
+# the launch budget per public operation (issue 11)
+LAUNCHES = {"fwd-train": 2, "eval": 1, "backward": 2, "moments": 2}
 
 
 def _cuda_backend():
@@ -51,19 +62,20 @@ def _cuda_backend():
 
 
 def _host(a):
-    return a.copy_to_host() if hasattr(a, "copy_to_host") else np.asarray(a)
+    a = getattr(a, "_fastbn_source", a)
+    if hasattr(a, "copy_to_host"):
+        return a.copy_to_host()
+    if hasattr(a, "host_values"):
+        return a.host_values
+    return np.asarray(a)
 
 
-def _is_device(a):
-    return backends.is_device_array(a)
-
-
-def _close(actual, reference, dtype):
-    reference = np.asarray(reference, np.float64)
+def _close(actual, reference_values, dtype, what=""):
+    reference_values = np.asarray(reference_values, np.float64)
     rtol = RTOL[np.dtype(dtype).name]
-    scale = max(float(np.max(np.abs(reference))) if reference.size else 1.0, 1.0)
-    np.testing.assert_allclose(np.asarray(_host(actual), np.float64), reference, rtol=rtol,
-                               atol=rtol * scale)
+    scale = max(float(np.max(np.abs(reference_values))) if reference_values.size else 1.0, 1.0)
+    np.testing.assert_allclose(np.asarray(_host(actual), np.float64), reference_values,
+                               rtol=rtol, atol=rtol * scale, err_msg=what)
 
 
 def _problem(shape, axis, dtype, seed=0, offset=3.0):
@@ -76,6 +88,23 @@ def _problem(shape, axis, dtype, seed=0, offset=3.0):
     return x, dy, gamma, beta
 
 
+def _check_grads(grads, ref_grads, x, dy, gamma, invstd, dtype):
+    """dx to the data dtype's precision; dgamma/dbeta with a bound that grows like sqrt(count)
+    (the rounding of count float64-accumulated terms of the rounded inputs), not like count."""
+    rtol = RTOL[np.dtype(dtype).name]
+    natural = float(np.abs(dy).max() * np.max(np.abs(invstd)) * np.max(np.abs(gamma)))
+    np.testing.assert_allclose(np.asarray(_host(grads.dx), float),
+                               np.asarray(ref_grads.dx, float), rtol=rtol,
+                               atol=4 * rtol * natural, err_msg="dx")
+    count = x.size // len(np.atleast_1d(ref_grads.dbeta))
+    stats_rtol = RTOL["float32"] if np.dtype(dtype) != np.float64 else RTOL["float64"]
+    for name in ("dgamma", "dbeta"):
+        want = np.asarray(getattr(ref_grads, name), float)
+        bound = 4 * stats_rtol * float(np.abs(dy).max()) * np.sqrt(count) * 4
+        np.testing.assert_allclose(np.asarray(_host(getattr(grads, name)), float), want,
+                                   rtol=stats_rtol, atol=bound, err_msg=name)
+
+
 def _check_all_ops(x, dy, gamma, beta, axis, to_device=True):
     """Forward (train, eval), backward (train, eval), moments on cuda against the reference.
     Inputs go to the device unless to_device is False (then the host round trip runs)."""
@@ -85,16 +114,16 @@ def _check_all_ops(x, dy, gamma, beta, axis, to_device=True):
     put = cuda.to_device if to_device else (lambda a: a)
     rm, rv = np.linspace(-1, 1, channels), np.linspace(0.5, 2, channels)
     rm_ref, rv_ref = rm.copy(), rv.copy()
-    d_rm, d_rv = put(rm), put(rv)
+    d_rm, d_rv = put(rm.copy()), put(rv.copy())
     got = fastbn.batch_norm_forward(put(x), put(gamma), put(beta), axis=axis,
                                     running_mean=d_rm, running_var=d_rv, momentum=0.3,
                                     backend="cuda")
     ref = fastbn.batch_norm_forward(x, gamma, beta, axis=axis, running_mean=rm_ref,
                                     running_var=rv_ref, momentum=0.3, backend="reference")
     assert _host(got.y).dtype == dtype and _host(got.mean).dtype == sdtype
-    _close(got.y, ref.y, dtype)
-    _close(got.mean, ref.mean, sdtype)
-    _close(got.invstd, ref.invstd, sdtype)
+    _close(got.y, ref.y, dtype, "y")
+    _close(got.mean, ref.mean, sdtype, "mean")
+    _close(got.invstd, ref.invstd, sdtype, "invstd")
     np.testing.assert_allclose(_host(d_rm), rm_ref, rtol=1e-9, atol=1e-12)
     np.testing.assert_allclose(_host(d_rv), rv_ref, rtol=1e-9)
     y_eval = fastbn.batch_norm_forward(put(x), put(gamma), put(beta), axis=axis, training=False,
@@ -102,25 +131,18 @@ def _check_all_ops(x, dy, gamma, beta, axis, to_device=True):
                                        backend="cuda").y
     ref_eval = fastbn.batch_norm_forward(x, gamma, beta, axis=axis, training=False,
                                          running_mean=rm, running_var=rv, backend="reference").y
-    _close(y_eval, ref_eval, dtype)
+    _close(y_eval, ref_eval, dtype, "eval y")
     for training in (True, False):
         grads = fastbn.batch_norm_backward(put(dy), put(x), put(ref.mean), put(ref.invstd),
                                            put(gamma), axis=axis, training=training,
                                            backend="cuda")
         ref_grads = fastbn.batch_norm_backward(dy, x, ref.mean, ref.invstd, gamma, axis=axis,
                                                training=training, backend="reference")
-        natural = float(np.abs(dy).max() * np.max(ref.invstd) * gamma.max())
-        rtol = RTOL[np.dtype(dtype).name]
-        np.testing.assert_allclose(np.asarray(_host(grads.dx), float), ref_grads.dx.astype(float),
-                                   rtol=rtol, atol=4 * rtol * natural)
-        count = x.size // channels
-        for name in ("dgamma", "dbeta"):
-            np.testing.assert_allclose(_host(getattr(grads, name)), getattr(ref_grads, name),
-                                       rtol=rtol, atol=rtol * np.abs(dy).max() * count)
+        _check_grads(grads, ref_grads, x, dy, gamma, ref.invstd, dtype)
     mean, var = fastbn.moments(put(x), axis=axis, backend="cuda")
     ref_mean, ref_var = fastbn.moments(x, axis=axis, backend="reference")
-    _close(mean, ref_mean, sdtype)
-    _close(var, ref_var, sdtype)
+    _close(mean, ref_mean, sdtype, "moments mean")
+    _close(var, ref_var, sdtype, "moments var")
     return got
 
 
@@ -137,6 +159,496 @@ def small_launch(monkeypatch):
 
 
 # ----------------------------------------------------------------------------------------------
+# the contract's operations on device arrays (no host round trip): strided views in and out,
+# NaN-poisoned outputs, per-channel vectors in every dtype, against reference.py
+
+def _device_view(values, stride, poison=False):
+    """values as a device (outer, C, inner) view with every ``stride``-th element of a larger
+    buffer along the last axis (stride 1: contiguous); poison: the buffer is all NaN and the
+    view is left unwritten (an output)."""
+    outer, channels, inner = values.shape
+    buffer = np.full((outer, channels, inner * stride), np.nan, values.dtype)
+    if not poison:
+        buffer[:, :, ::stride] = values
+    device_buffer = cuda.to_device(buffer)
+    return device_buffer[:, :, ::stride] if stride > 1 else device_buffer, device_buffer
+
+
+def _poisoned(shape, dtype, stride=1):
+    return _device_view(np.empty(shape, dtype), stride, poison=True)
+
+
+def _vector(values, dtype):
+    return None if values is None else cuda.to_device(np.asarray(values).astype(dtype))
+
+
+def _assert_written(buffer, stride, what):
+    """Every element of the view was written (no NaN left where the reference has none is
+    checked by the comparison); every gap of the buffer is still NaN (no stray writes)."""
+    host = _host(buffer).astype(np.float64)
+    if stride > 1:
+        gaps = np.delete(host, np.arange(0, host.shape[2], stride), axis=2)
+        assert np.isnan(gaps).all(), f"{what}: wrote outside its view"
+
+
+VECTOR_DTYPES = st.sampled_from(["float16", "float32", "float64"])
+
+
+@st.composite
+def device_cases(draw):
+    outer = draw(st.sampled_from([1, 2, 3, 5]))
+    channels = draw(st.sampled_from([1, 2, 3, 5]))
+    inner = draw(st.sampled_from([1, 1, 3, 7, 13]))
+    assume(outer * inner >= 2)
+    return SimpleNamespace(
+        shape=(outer, channels, inner), dtype=draw(st.sampled_from(["float16", "float32",
+                                                                   "float64"])),
+        weight_dtype=draw(VECTOR_DTYPES), running_dtype=draw(VECTOR_DTYPES),
+        affine=draw(st.booleans()), activation=draw(st.sampled_from([None, "relu", "sigmoid"])),
+        residual=draw(st.booleans()), stride=draw(st.sampled_from([1, 2])),
+        offset=draw(st.sampled_from([0.0, 3.0, -40.0])), seed=draw(st.integers(0, 2**31 - 1)))
+
+
+@needs_device
+@given(case=device_cases())
+def test_contract_operations_on_device_views_match_the_reference(case):
+    be = _cuda_backend()
+    with _small_settings():
+        _run_contract_case(be, case)
+
+
+@contextlib.contextmanager
+def _small_settings():
+    """small_launch for hypothesis tests (a fixture would not be reset between examples)."""
+    saved = {k: getattr(_config, k) for k in ("CUDA_THREADS_PER_BLOCK", "CUDA_MAX_BLOCKS",
+                                              "CUDA_MIN_BLOCKS", "CUDA_MIN_ITEMS_PER_THREAD",
+                                              "CUDA_CHANNEL_TILE", "CUDA_UNROLL")}
+    _config.CUDA_THREADS_PER_BLOCK, _config.CUDA_MAX_BLOCKS, _config.CUDA_MIN_BLOCKS = 4, 3, 1
+    _config.CUDA_MIN_ITEMS_PER_THREAD, _config.CUDA_CHANNEL_TILE, _config.CUDA_UNROLL = 1, 2, 2
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            setattr(_config, k, v)
+
+
+def _run_contract_case(be, case):
+    rng = np.random.default_rng(case.seed)
+    shape, dtype, stride = case.shape, np.dtype(case.dtype), case.stride
+    channels = shape[1]
+    sdtype = fastbn.stats_dtype(dtype)
+    x = (rng.standard_normal(shape) * 2 + case.offset).astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    residual = rng.standard_normal(shape).astype(dtype) if case.residual else None
+    weight = rng.uniform(0.5, 1.5, channels).astype(case.weight_dtype) if case.affine else None
+    bias = rng.standard_normal(channels).astype(case.weight_dtype) if case.affine else None
+    running_mean = rng.standard_normal(channels).astype(case.running_dtype)
+    running_var = rng.uniform(0.5, 2, channels).astype(case.running_dtype)
+    d_x, _ = _device_view(x, stride)
+    d_residual = None if residual is None else _device_view(residual, stride)[0]
+    d_weight, d_bias = _vector(weight, weight.dtype if weight is not None else None), \
+        _vector(bias, bias.dtype if bias is not None else None)
+
+    # forward_train
+    y, mean, invstd = np.empty(shape, dtype), np.empty(channels, sdtype), np.empty(channels, sdtype)
+    rm_ref, rv_ref = running_mean.copy(), running_var.copy()
+    reference.forward_train(x, weight, bias, 1e-5, 0.2, rm_ref, rv_ref, case.activation,
+                            residual, None, y, mean, invstd)
+    (d_y, y_buffer), d_mean, d_invstd = _poisoned(shape, dtype, stride), \
+        _vector(np.full(channels, np.nan), sdtype), _vector(np.full(channels, np.nan), sdtype)
+    d_rm, d_rv = _vector(running_mean, running_mean.dtype), _vector(running_var, running_var.dtype)
+    be.forward_train(d_x, d_weight, d_bias, 1e-5, 0.2, d_rm, d_rv, case.activation, d_residual,
+                     None, d_y, d_mean, d_invstd)
+    _close(d_y, y, dtype, "forward_train y")
+    _assert_written(y_buffer, stride, "forward_train y")
+    _close(d_mean, mean, sdtype, "forward_train mean")
+    _close(d_invstd, invstd, sdtype, "forward_train invstd")
+    running_rtol = max(RTOL[np.dtype(case.running_dtype).name], 1e-9)
+    np.testing.assert_allclose(_host(d_rm).astype(float), rm_ref.astype(float),
+                               rtol=running_rtol, atol=running_rtol)
+    np.testing.assert_allclose(_host(d_rv).astype(float), rv_ref.astype(float),
+                               rtol=running_rtol, atol=running_rtol)
+
+    # forward_eval
+    y_eval, mean_eval, invstd_eval = np.empty_like(y), np.empty_like(mean), np.empty_like(invstd)
+    reference.forward_eval(x, weight, bias, running_mean, running_var, 1e-5, case.activation,
+                           residual, y_eval, mean_eval, invstd_eval)
+    (d_y_eval, y_eval_buffer) = _poisoned(shape, dtype, stride)
+    d_mean_eval = _vector(np.full(channels, np.nan), sdtype)
+    d_invstd_eval = _vector(np.full(channels, np.nan), sdtype)
+    be.forward_eval(d_x, d_weight, d_bias, _vector(running_mean, running_mean.dtype),
+                    _vector(running_var, running_var.dtype), 1e-5, case.activation, d_residual,
+                    d_y_eval, d_mean_eval, d_invstd_eval)
+    _close(d_y_eval, y_eval, dtype, "forward_eval y")
+    _assert_written(y_eval_buffer, stride, "forward_eval y")
+    _close(d_mean_eval, mean_eval, sdtype, "forward_eval mean")
+    _close(d_invstd_eval, invstd_eval, sdtype, "forward_eval invstd")
+
+    # backward, from the forward's own outputs
+    d_dy, _ = _device_view(dy, stride)
+    d_y_in, _ = _device_view(y, stride)
+    for training in (True, False):
+        dx, dgamma, dbeta = np.empty_like(x), np.empty_like(mean), np.empty_like(mean)
+        dresidual = np.empty_like(x) if case.residual else None
+        reference.backward(dy, x, mean, invstd, weight, training, case.activation, y, dx,
+                           dgamma, dbeta, dresidual)
+        d_dx, dx_buffer = _poisoned(shape, dtype, stride)
+        d_dgamma = _vector(np.full(channels, np.nan), sdtype)
+        d_dbeta = _vector(np.full(channels, np.nan), sdtype)
+        d_dresidual, dresidual_buffer = _poisoned(shape, dtype, stride) if case.residual \
+            else (None, None)
+        be.backward(d_dy, d_x, _vector(mean, sdtype), _vector(invstd, sdtype), d_weight,
+                    training, case.activation, d_y_in, d_dx, d_dgamma, d_dbeta, d_dresidual)
+        grads = SimpleNamespace(dx=d_dx, dgamma=d_dgamma, dbeta=d_dbeta)
+        _check_grads(grads, SimpleNamespace(dx=dx, dgamma=dgamma, dbeta=dbeta), x, dy,
+                     np.ones(channels) if weight is None else weight, invstd, dtype)
+        _assert_written(dx_buffer, stride, "backward dx")
+        if case.residual:
+            _close(d_dresidual, dresidual, dtype, "dresidual")
+            _assert_written(dresidual_buffer, stride, "backward dresidual")
+
+    # moments and channel_moments
+    mean_m, var_m = np.empty(channels, sdtype), np.empty(channels, sdtype)
+    reference.moments(x, mean_m, var_m)
+    d_mean_m = _vector(np.full(channels, np.nan), sdtype)
+    d_var_m = _vector(np.full(channels, np.nan), sdtype)
+    be.moments(d_x, d_mean_m, d_var_m)
+    _close(d_mean_m, mean_m, sdtype, "moments mean")
+    _close(d_var_m, var_m, sdtype, "moments var")
+    exact_mean, exact_m2 = reference.channel_moments(x)
+    got_mean, got_m2 = be.channel_moments(d_x)
+    np.testing.assert_allclose(_host(got_mean), exact_mean, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(_host(got_m2), exact_m2, rtol=1e-9, atol=1e-9 * exact_m2.max())
+
+
+@needs_device
+@pytest.mark.parametrize("shape", [(3, 2, 11), (23, 2, 1), (2, 1, 9)])
+def test_backward_reduce_apply_and_update_running_stats_match_the_reference(small_launch, shape):
+    be = _cuda_backend()
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal(shape).astype(np.float32) + 5
+    dy = rng.standard_normal(shape).astype(np.float32)
+    channels = shape[1]
+    mean = x.astype(float).mean(axis=(0, 2)).astype(np.float32)
+    np.testing.assert_allclose(be.backward_reduce(cuda.to_device(dy), cuda.to_device(x),
+                                                  cuda.to_device(mean)),
+                               reference.backward_reduce(dy, x, mean), rtol=1e-10, atol=1e-9)
+    coefficients = [rng.standard_normal(channels) for _ in range(4)]
+    dx = np.empty_like(x)
+    reference.backward_apply(dy, x, *coefficients, dx)
+    d_dx, _ = _poisoned(shape, np.float32)
+    be.backward_apply(cuda.to_device(dy), cuda.to_device(x),
+                      *(cuda.to_device(c) for c in coefficients), d_dx)
+    _close(d_dx, dx, np.float32)
+    for dtype in ("float16", "float32", "float64"):
+        running = [np.linspace(-1, 1, channels).astype(dtype), np.ones(channels, dtype)]
+        batch = [rng.standard_normal(channels) * 10, rng.uniform(1, 2, channels)]
+        want = [r.copy() for r in running]
+        reference.update_running_stats(*want, *batch, 9, 0.3, None)
+        got = [cuda.to_device(r) for r in running]
+        be.update_running_stats(*got, *(cuda.to_device(b) for b in batch), 9, 0.3, None)
+        for g, w in zip(got, want):
+            np.testing.assert_array_equal(_host(g), w)       # one rounding of the same float64
+
+
+# ----------------------------------------------------------------------------------------------
+# statistics that float32 (or naive) accumulation gets wrong; documented edge cases
+
+@needs_device
+@pytest.mark.parametrize("shape", [(3, 1, 41), (61, 1, 1), (4, 3, 9), (40, 3, 1)])
+@pytest.mark.parametrize("kind", ["offset 1e4", "offset 1e7", "outlier first"])
+def test_statistics_with_a_huge_offset_or_an_outlier_first(small_launch, shape, kind):
+    rng = np.random.default_rng(11)
+    dtype = np.float64 if kind == "offset 1e7" else np.float32
+    x = rng.standard_normal(shape)
+    if kind == "outlier first":
+        x[0, :, 0] = 1e4          # the first value each thread shifts by, far from the rest
+    else:
+        x += float(kind.split()[1])
+    x = x.astype(dtype)
+    exact = x.astype(np.float64)
+    mean, var = fastbn.moments(cuda.to_device(x))
+    np.testing.assert_allclose(_host(mean), exact.mean(axis=(0, 2)), rtol=1e-7)
+    np.testing.assert_allclose(_host(var), exact.var(axis=(0, 2)), rtol=2e-6)
+    got_mean, got_m2 = _cuda_backend().channel_moments(cuda.to_device(x))
+    np.testing.assert_allclose(_host(got_mean), exact.mean(axis=(0, 2)), rtol=1e-14)
+    np.testing.assert_allclose(_host(got_m2), ((exact - exact.mean(axis=(0, 2))[None, :, None])
+                                               ** 2).sum(axis=(0, 2)), rtol=1e-9)
+    out = fastbn.batch_norm_forward(cuda.to_device(x))
+    ref = fastbn.batch_norm_forward(x, backend="reference")
+    # y's conditioning: an ulp of the data's magnitude, over the spread
+    ulp = np.finfo(dtype).eps * float(np.abs(exact).max()) * float(np.max(ref.invstd))
+    np.testing.assert_allclose(_host(out.y).astype(float), ref.y.astype(float),
+                               rtol=RTOL[np.dtype(dtype).name], atol=4 * ulp)
+
+
+@needs_device
+@pytest.mark.parametrize("shape", [(3, 2, 13), (17, 2, 1), (2, 1, 40)])
+@pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
+def test_tiny_eps_on_a_constant_channel_gives_beta_exactly(small_launch, shape, dtype):
+    x = np.full(shape, 3.25, dtype)
+    beta = np.array([0.5, -2.0][:shape[1]], dtype=fastbn.stats_dtype(dtype))
+    gamma = np.ones_like(beta) * 2
+    out = fastbn.batch_norm_forward(cuda.to_device(x), cuda.to_device(gamma),
+                                    cuda.to_device(beta), eps=1e-80)
+    ref = fastbn.batch_norm_forward(x, gamma, beta, eps=1e-80, backend="reference")
+    expected = np.broadcast_to(beta[None, :, None], shape).astype(dtype)
+    np.testing.assert_array_equal(_host(out.y), expected)
+    np.testing.assert_array_equal(ref.y, expected)
+    np.testing.assert_array_equal(_host(out.invstd), ref.invstd)     # inf in float32
+
+
+@needs_device
+def test_nonfinite_running_statistics_are_skipped_and_recorded_on_the_device(small_launch):
+    import fastbn.cuda as fastbn_cuda
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((6, 4, 5))
+    x[0, 2, 0] = np.nan
+    x[:, 3] *= 1e20                        # its variance overflows float32, not float64
+    d_rm, d_rv = cuda.to_device(np.arange(4.0)), cuda.to_device(np.ones(4, np.float32))
+    with warnings.catch_warnings():        # the device path records instead of warning
+        warnings.filterwarnings("error", message=".*not finite")
+        fastbn.batch_norm_forward(cuda.to_device(x), running_mean=d_rm, running_var=d_rv)
+    np.testing.assert_array_equal(fastbn_cuda.nonfinite_channels(), [2, 3])
+    rm, rv = _host(d_rm), _host(d_rv)
+    np.testing.assert_array_equal(rm[[2, 3]], [2.0, 3.0])
+    np.testing.assert_array_equal(rv[[2, 3]], [1.0, 1.0])
+    kept = x[:, :2].astype(np.float64)
+    np.testing.assert_allclose(rm[:2], 0.9 * np.arange(2.0) + 0.1 * kept.mean(axis=(0, 2)),
+                               rtol=1e-12)
+    np.testing.assert_allclose(rv[:2], 0.9 + 0.1 * kept.var(axis=(0, 2), ddof=1), rtol=1e-6)
+    # float16 running statistics overflow from float32 data; the record follows the last update
+    y = (rng.standard_normal((5, 3, 4)) * np.array([1, 300, 1])[None, :, None]).astype(np.float32)
+    d_rm16, d_rv16 = cuda.to_device(np.zeros(3, np.float16)), cuda.to_device(np.ones(3, np.float16))
+    fastbn.batch_norm_forward(cuda.to_device(y), running_mean=d_rm16, running_var=d_rv16,
+                              momentum=1.0)
+    np.testing.assert_array_equal(fastbn_cuda.nonfinite_channels(), [1])
+    assert _host(d_rv16)[1] == 1.0 and np.isfinite(_host(d_rv16)).all()
+    fastbn.batch_norm_forward(cuda.to_device(np.ascontiguousarray(x[:, :2])),
+                              running_mean=cuda.to_device(np.zeros(2)),
+                              running_var=cuda.to_device(np.ones(2)))
+    assert fastbn_cuda.nonfinite_channels().size == 0
+
+
+# ----------------------------------------------------------------------------------------------
+# launches, device-to-host copies and host waits per public operation (issue 11)
+
+class _Recorder:
+    """Counts kernel launches (and their streams), device-to-host copies and host waits, by
+    patching numba's simulator."""
+
+    def __init__(self, monkeypatch):
+        from numba.cuda.simulator import api as sim_api
+        from numba.cuda.simulator import kernel as sim_kernel
+        from numba.cuda.simulator.cudadrv import devicearray as sim_devicearray
+        self.launches, self.copies, self.waits = [], 0, 0
+        recorder = self
+        original_getitem = sim_kernel.FakeCUDAKernel.__getitem__
+        original_copy = sim_devicearray.FakeCUDAArray.copy_to_host
+
+        def getitem(kernel, configuration):
+            recorder.launches.append((kernel.fn.__name__, configuration[2]
+                                      if len(configuration) > 2 else None))
+            return original_getitem(kernel, configuration)
+
+        def copy_to_host(array, *args, **kwargs):
+            recorder.copies += 1
+            return original_copy(array, *args, **kwargs)
+
+        def wait(*args, **kwargs):
+            recorder.waits += 1
+
+        monkeypatch.setattr(sim_kernel.FakeCUDAKernel, "__getitem__", getitem)
+        monkeypatch.setattr(sim_devicearray.FakeCUDAArray, "copy_to_host", copy_to_host)
+        monkeypatch.setattr(sim_api.stream, "synchronize", wait)
+        monkeypatch.setattr(sim_api.Event, "synchronize", wait)
+        monkeypatch.setattr(cuda, "synchronize", wait)
+
+    def reset(self):
+        self.launches, self.copies, self.waits = [], 0, 0
+
+
+def _public_calls(layout, dtype="float32"):
+    """Every public operation once, on numba device arrays (vectors in the stats dtype)."""
+    shape, axis = ((4, 3, 5), 1) if layout == "NCHW" else ((4, 5, 3), -1)
+    x, dy, gamma, beta = _problem(shape, axis, dtype)
+    sdtype = fastbn.stats_dtype(dtype)
+    d = SimpleNamespace(x=cuda.to_device(x), dy=cuda.to_device(dy),
+                        gamma=cuda.to_device(gamma.astype(sdtype)),
+                        beta=cuda.to_device(beta.astype(sdtype)),
+                        rm=cuda.to_device(np.zeros(3, sdtype)),
+                        rv=cuda.to_device(np.ones(3, sdtype)),
+                        residual=cuda.to_device(x.copy()))
+    saved = fastbn.batch_norm_forward(d.x, d.gamma, d.beta, axis=axis)
+    act = fastbn.batch_norm_act_forward(d.x, d.gamma, d.beta, activation="relu", axis=axis)
+    return {
+        "fwd-train": lambda **kw: fastbn.batch_norm_forward(
+            d.x, d.gamma, d.beta, axis=axis, running_mean=d.rm, running_var=d.rv, **kw),
+        "fwd-train without running stats": lambda **kw: fastbn.batch_norm_forward(
+            d.x, d.gamma, d.beta, axis=axis, **kw),
+        "fwd-train relu + residual": lambda **kw: fastbn.batch_norm_act_forward(
+            d.x, d.gamma, d.beta, activation="relu", residual=d.residual, axis=axis,
+            running_mean=d.rm, running_var=d.rv, **kw),
+        "eval": lambda **kw: fastbn.batch_norm_forward(
+            d.x, d.gamma, d.beta, axis=axis, training=False, running_mean=d.rm,
+            running_var=d.rv, **kw),
+        "eval sigmoid": lambda **kw: fastbn.batch_norm_act_forward(
+            d.x, d.gamma, d.beta, activation="sigmoid", axis=axis, training=False,
+            running_mean=d.rm, running_var=d.rv, **kw),
+        "backward": lambda **kw: fastbn.batch_norm_backward(
+            d.dy, d.x, saved.mean, saved.invstd, d.gamma, axis=axis, **kw),
+        "backward eval": lambda **kw: fastbn.batch_norm_backward(
+            d.dy, d.x, saved.mean, saved.invstd, d.gamma, axis=axis, training=False, **kw),
+        "backward relu + residual": lambda **kw: fastbn.batch_norm_act_backward(
+            d.dy, act.y, d.x, act.mean, act.invstd, d.gamma, activation="relu", residual=True,
+            axis=axis, **kw),
+        "moments": lambda **kw: fastbn.moments(d.x, axis=axis, **kw),
+    }
+
+
+def _budget(operation):
+    return LAUNCHES[next(k for k in ("fwd-train", "eval", "backward", "moments")
+                         if operation.startswith(k))]
+
+
+@needs_simulator
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+def test_launches_copies_and_waits_per_public_operation(monkeypatch, layout):
+    calls = _public_calls(layout)
+    recorder = _Recorder(monkeypatch)
+    for operation, call in calls.items():
+        call()                             # scratch buffers are created on first use
+        recorder.reset()
+        call()
+        kernels = [name for name, _ in recorder.launches]
+        assert len(kernels) <= _budget(operation), f"{operation}: launches {kernels}"
+        assert recorder.copies == 0, f"{operation}: {recorder.copies} device-to-host copies"
+        assert recorder.waits == 0, f"{operation}: {recorder.waits} host waits"
+
+
+@needs_simulator
+@pytest.mark.parametrize("make_stream", ["numba stream", "integer handle"])
+def test_every_launch_goes_to_the_stream_argument(monkeypatch, make_stream):
+    be = _cuda_backend()
+    calls = _public_calls("NCHW")
+    recorder = _Recorder(monkeypatch)
+    stream = cuda.stream() if make_stream == "numba stream" else 12345
+    expected = be._as_stream(stream)
+    for operation, call in calls.items():
+        recorder.reset()
+        call(stream=stream)
+        assert recorder.launches, operation
+        for name, launched_on in recorder.launches:
+            assert launched_on is expected, f"{operation}: {name} on {launched_on}"
+
+
+# ----------------------------------------------------------------------------------------------
+# the caller's array library and the stream its arrays name
+
+class StandIn:
+    """A foreign device array (CuPy, PyTorch) in miniature: only ``__cuda_array_interface__``,
+    over simulator memory (which is host memory)."""
+
+    def __init__(self, values, stream=None):
+        self.host_values = values
+        self.stream = stream
+
+    @property
+    def __cuda_array_interface__(self):
+        iface = dict(shape=self.host_values.shape, typestr=self.host_values.dtype.str,
+                     data=(self.host_values.__array_interface__["data"][0], False),
+                     strides=self.host_values.strides, version=3)
+        if self.stream is not None:
+            iface["stream"] = self.stream
+        return iface
+
+
+StandIn.__module__ = "standin"
+
+
+class OtherStandIn(StandIn):
+    pass
+
+
+OtherStandIn.__module__ = "otherlib"
+
+
+def _stand_in_empty(shape, dtype, strides, like):
+    if strides is None:
+        return StandIn(np.empty(shape, dtype))
+    itemsize = np.dtype(dtype).itemsize
+    span = sum((n - 1) * s for n, s in zip(shape, strides)) + itemsize
+    base = np.empty(span // itemsize, dtype)
+    return StandIn(np.lib.stride_tricks.as_strided(base, shape, strides))
+
+
+@pytest.fixture
+def stand_in_library(monkeypatch):
+    be = _cuda_backend()
+    monkeypatch.setitem(be.ALLOCATORS, "standin", _stand_in_empty)
+    return be
+
+
+@needs_simulator
+def test_foreign_arrays_in_give_foreign_arrays_out(stand_in_library):
+    be = stand_in_library
+    x, dy, gamma, beta = _problem((4, 3, 5), 1, "float32")
+    with be.call_scope():
+        out = fastbn.batch_norm_forward(StandIn(x), StandIn(gamma), StandIn(beta))
+    results = [be.result(a) for a in out]
+    assert all(type(r) is StandIn for r in results)
+    ref = fastbn.batch_norm_forward(x, gamma, beta, backend="reference")
+    for got, want in zip(results, ref):
+        _close(got.host_values, want, "float32")
+    nhwc = np.ascontiguousarray(x.transpose(0, 2, 1)).transpose(0, 2, 1)
+    with be.call_scope():
+        grads = fastbn.batch_norm_backward(StandIn(nhwc), StandIn(nhwc), results[1],
+                                           results[2])
+    dx = be.result(grads.dx)
+    assert type(dx) is StandIn and dx.host_values.strides == nhwc.strides   # memory order kept
+    with be.call_scope():       # numba arrays in: numba arrays out
+        assert type(be.result(fastbn.batch_norm_forward(cuda.to_device(x)).y)) \
+            is type(cuda.to_device(x))
+
+
+@needs_simulator
+def test_mixing_two_array_libraries_is_an_error_naming_both(stand_in_library):
+    be = stand_in_library
+    x, _, gamma, beta = _problem((4, 3, 5), 1, "float32")
+    rm, rv = np.zeros(3), np.ones(3)
+    with be.call_scope(), pytest.raises(TypeError, match=r"beta: got a otherlib array while x "
+                                                         r"is a standin array"):
+        fastbn.batch_norm_forward(StandIn(x), StandIn(gamma), OtherStandIn(beta),
+                                  running_mean=StandIn(rm), running_var=StandIn(rv))
+    np.testing.assert_array_equal(rm, 0.0)
+    with be.call_scope():       # numba device arrays mix with any library
+        fastbn.batch_norm_forward(StandIn(x), cuda.to_device(gamma), StandIn(beta))
+
+
+@needs_simulator
+def test_launches_follow_the_stream_the_inputs_name(monkeypatch, stand_in_library):
+    be = stand_in_library
+    x, _, _, _ = _problem((4, 3, 5), 1, "float32")
+    recorder = _Recorder(monkeypatch)
+    with be.call_scope():
+        fastbn.batch_norm_forward(StandIn(x, stream=777))
+    assert recorder.launches and all(s is be._as_stream(777) for _, s in recorder.launches)
+    recorder.reset()
+    with be.call_scope(stream=5):                        # stream= wins over the named one
+        fastbn.batch_norm_forward(StandIn(x, stream=777))
+    assert all(s is be._as_stream(5) for _, s in recorder.launches)
+    assert be.current_stream() is not be._as_stream(777)      # outside the call: the default
+
+
+def test_importing_fastbn_does_not_import_the_cuda_helpers():
+    code = ("import sys, fastbn; bad = [m for m in ('fastbn.cuda', 'fastbn.backends.cuda', "
+            "'numba.cuda') if m in sys.modules]; sys.exit(1 if bad else 0)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+# ----------------------------------------------------------------------------------------------
 # dispatch
 
 @needs_device
@@ -144,11 +656,11 @@ def test_device_arrays_select_cuda_and_results_stay_on_device():
     x, _, gamma, beta = _problem((5, 3, 7), 1, "float32")
     out = fastbn.batch_norm_forward(cuda.to_device(x), cuda.to_device(gamma),
                                     cuda.to_device(beta))          # no backend named
-    assert all(_is_device(a) for a in out)
+    assert all(backends._memory.is_device_array(a) for a in out)
     ref = fastbn.batch_norm_forward(x, gamma, beta, backend="reference")
     _close(out.y, ref.y, "float32")
     mean, var = fastbn.moments(cuda.to_device(x))
-    assert _is_device(mean) and _is_device(var)
+    assert backends._memory.is_device_array(mean) and backends._memory.is_device_array(var)
     _close(var, x.astype(float).var(axis=(0, 2)), "float32")
 
 
@@ -176,11 +688,6 @@ def test_mixing_host_and_device_arrays_is_a_clear_error_and_changes_nothing():
     with pytest.raises(TypeError, match=r"gamma: got a host array .* CUDA device arrays"):
         fastbn.batch_norm_forward(d_x, gamma, cuda.to_device(beta), running_mean=d_rm,
                                   running_var=d_rv)
-    with pytest.raises(TypeError, match=r"x: got a host array"):
-        fastbn.batch_norm_forward(x, running_mean=d_rm, running_var=d_rv)
-    with pytest.raises(TypeError, match=r"out\[0\] \(y\): got a host array"):
-        fastbn.batch_norm_forward(d_x, running_mean=d_rm, running_var=d_rv,
-                                  out=(np.empty_like(x), None, None))
     with pytest.raises(TypeError, match=r"dy: got a host array"):
         fastbn.batch_norm_backward(dy, d_x, cuda.to_device(np.zeros(3, np.float32)),
                                    cuda.to_device(np.ones(3, np.float32)))
@@ -190,36 +697,19 @@ def test_mixing_host_and_device_arrays_is_a_clear_error_and_changes_nothing():
     np.testing.assert_array_equal(_host(d_rv), 9.0)
 
 
-@needs_device
-def test_validation_errors_on_device_arrays_change_nothing():
-    x = cuda.to_device(np.ones((4, 3, 5), np.float32))
-    d_rm, d_rv = cuda.to_device(np.full(3, 7.0)), cuda.to_device(np.full(3, 9.0))
-    y = cuda.to_device(np.full((4, 3, 5), 42.0, np.float32))
-    with pytest.raises(ValueError, match=r"gamma: expected shape \(3,\)"):
-        fastbn.batch_norm_forward(x, cuda.to_device(np.ones(4)), running_mean=d_rm,
-                                  running_var=d_rv, out=(y, None, None))
-    with pytest.raises(TypeError, match="x: expected a floating-point array"):
-        fastbn.batch_norm_forward(cuda.to_device(np.ones((4, 3), np.int32)))
-    with pytest.raises(ValueError, match=r"out\[0\] \(y\): overlaps an input"):
-        base = cuda.to_device(np.ones((4, 3, 6), np.float32))
-        fastbn.batch_norm_forward(base[:, :, 1:], out=(base[:, :, :-1], None, None))
-    np.testing.assert_array_equal(_host(d_rm), 7.0)
-    np.testing.assert_array_equal(_host(y), 42.0)
-
-
 # ----------------------------------------------------------------------------------------------
-# zero copy
+# zero copy, layouts
 
 @needs_device
 def test_outputs_are_written_in_place_without_copies():
-    x, dy, gamma, beta = _problem((4, 3, 5), 1, "float32")
+    x, dy, _, _ = _problem((4, 3, 5), 1, "float32")
     d_x, d_dy = cuda.to_device(x), cuda.to_device(dy)
     y, mean, invstd = (cuda.device_array_like(x), cuda.device_array(3, np.float32),
                        cuda.device_array(3, np.float32))
     out = fastbn.batch_norm_forward(d_x, out=(y, mean, invstd))
-    assert out.y is y and out.mean is mean and out.invstd is invstd
+    assert _cuda_backend().byte_bounds(out.y) == _cuda_backend().byte_bounds(y)
     grads = fastbn.batch_norm_backward(d_dy, d_x, mean, invstd, out=(d_dy, None, None))
-    assert grads.dx is d_dy                                      # in place over dy
+    assert _cuda_backend().byte_bounds(grads.dx) == _cuda_backend().byte_bounds(d_dy)
     ref = fastbn.batch_norm_forward(x, backend="reference")
     ref_dx = fastbn.batch_norm_backward(dy, x, ref.mean, ref.invstd, backend="reference").dx
     _close(y, ref.y, "float32")
@@ -231,7 +721,8 @@ def test_canonical_view_shares_the_input_memory():
     be = _cuda_backend()
     x = cuda.to_device(np.arange(2 * 3 * 4 * 5, dtype=np.float32).reshape(2, 3, 4, 5))
     x3 = be.view3(x, (2, 3, 20), (240, 80, 4))
-    assert be.may_share_memory(x3, x)
+    assert be.shares_memory(x3, x)
+    assert not be.shares_memory(x3, cuda.to_device(np.zeros(3)))
     np.testing.assert_array_equal(_host(x3), _host(x).reshape(2, 3, 20))
 
 
@@ -252,20 +743,20 @@ def test_output_keeps_the_memory_order_of_channels_last_input():
 def test_layouts_that_need_a_gather_copy(small_launch, dtype):
     """Device arrays whose axes do not merge into an (outer, C, inner) view, as x and as out."""
     x, dy, gamma, beta = _problem((5, 3, 7), 1, dtype)
-    d_big = cuda.to_device(np.repeat(x, 2, axis=2))
-    d_x = d_big[:, :, ::2]                                        # strided inner axis
+    d_x = cuda.to_device(np.repeat(x, 2, axis=2))[:, :, ::2]        # strided inner axis
     d_y = cuda.to_device(np.full((5, 3, 14), np.nan, dtype))[:, :, 1::2]
     d_gamma, d_beta = cuda.to_device(gamma), cuda.to_device(beta)
     out = fastbn.batch_norm_forward(d_x, d_gamma, d_beta, out=(d_y, None, None))
-    assert out.y is d_y
     ref = fastbn.batch_norm_forward(x, gamma, beta, backend="reference")
-    _close(out.y, ref.y, dtype)
+    _close(d_y, ref.y, dtype)
     d_dy = cuda.to_device(np.repeat(dy, 2, axis=2))[:, :, ::2]
-    grads = fastbn.batch_norm_backward(d_dy, d_x, out.mean, out.invstd, d_gamma)
+    d_dx = cuda.to_device(np.full((5, 3, 14), np.nan, dtype))[:, :, ::2]
+    grads = fastbn.batch_norm_backward(d_dy, d_x, out.mean, out.invstd, d_gamma,
+                                       out=(d_dx, None, None))
     ref_grads = fastbn.batch_norm_backward(dy, x, ref.mean, ref.invstd, gamma,
                                            backend="reference")
-    _close(grads.dgamma, ref_grads.dgamma, "float32")
-    assert not np.isnan(_host(grads.dx).astype(float)).any()
+    _check_grads(SimpleNamespace(dx=d_dx, dgamma=grads.dgamma, dbeta=grads.dbeta), ref_grads,
+                 x, dy, gamma, ref.invstd, dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -277,7 +768,7 @@ def test_layouts_that_need_a_gather_copy(small_launch, dtype):
     ((3, 5, 13), 1),          # channel-major, 13 = 3*tpb + 1
     ((13, 5), 1),             # channels-last, odd channel count across tiles of 2
     ((2, 3, 3, 5), -1),       # NHWC
-    ((13, 4, 1), 1),          # inner == 1 through a trailing unit axis
+    ((13, 2, 1), 1),          # inner == 1, fewer channels than blocks: split rows
 ])
 def test_small_launch_configuration_matches_reference(small_launch, shape, axis, dtype):
     x, dy, gamma, beta = _problem(shape, axis, dtype)
@@ -312,7 +803,8 @@ def test_one_channel_split_across_blocks(small_launch, shape):
     else:
         tile, splits, rows_per_split, blocks = be.plan_channels_last(61, 1, settings)
         per_thread = rows_per_split / (settings.tpb // tile)
-    # the channel is spread over the whole grid, and each thread still loops over its values
+    # the channel is spread over the whole grid (the last block merges), and each thread
+    # still loops over its values
     assert splits == blocks == settings.max_blocks
     assert per_thread > settings.unroll
     x, dy, gamma, beta = _problem(shape, 1, "float32", offset=1e4)
@@ -321,7 +813,7 @@ def test_one_channel_split_across_blocks(small_launch, shape):
 
 @needs_device
 def test_bitwise_deterministic_with_many_partials(small_launch):
-    x, dy, _, _ = _problem((4, 3, 29), 1, "float32")
+    x, dy, _, _ = _problem((4, 2, 29), 1, "float32")
     d_x, d_dy = cuda.to_device(x), cuda.to_device(dy)
     runs = []
     for _ in range(2):
@@ -342,22 +834,6 @@ def test_float16_statistics_are_float32_and_accumulate_in_float64(small_launch):
     np.testing.assert_allclose(_host(out.mean), exact.mean(axis=(0, 2)), rtol=1e-7)
     np.testing.assert_allclose(1 / _host(out.invstd).astype(float) ** 2 - 1e-5,
                                exact.var(axis=(0, 2)), rtol=1e-4)
-
-
-@needs_device
-def test_running_statistics_on_the_device_skip_nonfinite_channels():
-    x = np.random.default_rng(2).standard_normal((6, 4, 5))
-    x[0, 2, 0] = np.nan
-    d_rm, d_rv = cuda.to_device(np.arange(4.0)), cuda.to_device(np.ones(4, np.float32))
-    with pytest.warns(RuntimeWarning, match=r"channels \[2\]"):
-        fastbn.batch_norm_forward(cuda.to_device(x), running_mean=d_rm, running_var=d_rv)
-    rm, rv = _host(d_rm), _host(d_rv)
-    assert rm[2] == 2.0 and rv[2] == 1.0
-    exact = np.delete(x, 2, axis=1)
-    np.testing.assert_allclose(rm[[0, 1, 3]], 0.9 * np.array([0, 1, 3.0])
-                               + 0.1 * exact.mean(axis=(0, 2)), rtol=1e-12)
-    np.testing.assert_allclose(rv[[0, 1, 3]], 0.9 + 0.1 * exact.var(axis=(0, 2), ddof=1),
-                               rtol=1e-6)
 
 
 @needs_device
@@ -386,6 +862,12 @@ def test_invalid_launch_settings_are_named(monkeypatch, setting, value):
     monkeypatch.setattr(_config, setting, value)
     with pytest.raises(ValueError, match=f"fastbn._config.{setting}: expected"):
         fastbn.batch_norm_forward(cuda.to_device(np.ones((3, 2), np.float32)))
+
+
+@needs_device
+def test_precompile_runs_every_kernel_of_the_common_signatures():
+    import fastbn.cuda as fastbn_cuda
+    assert fastbn_cuda.precompile(dtypes=("float32",), activations=(None,)) >= 10
 
 
 # ----------------------------------------------------------------------------------------------
@@ -433,34 +915,63 @@ def test_importing_the_cuda_module_touches_no_gpu():
 
 
 # ----------------------------------------------------------------------------------------------
-# real compilation: the simulator runs code that a GPU compiler may refuse
+# real compilation: the simulator runs code that a GPU compiler may refuse. The signatures are
+# the launchers' own: `python tests/test_cuda.py --record-signatures` runs every operation under
+# the simulator (dtype mixes, both regimes, with and without optional arguments) and prints the
+# argument types of every launch.
 
-def _kernel_signatures(dtype):
-    """Argument types of every kernel as the launchers call them, for one data dtype."""
-    from numba.cuda import types
-    data = {"float16": types.float16, "float32": types.float32, "float64": types.float64}[dtype]
-    stats = types.float64 if dtype == "float64" else types.float32
-    x3 = types.Array(data, 3, "A")
-    vec = types.Array(types.float64, 1, "C")
-    part = types.Array(types.float64, 2, "C")
-    i64, f64, flag = types.int64, types.float64, types.boolean
-    return {
-        "moments_partials_channel_major": [(x3, i64, i64, part)],
-        "moments_partials_channels_last": [(x3, i64, i64, i64, part)],
-        "finalize_moments": [(part, i64, f64, f64, flag, vec, vec, vec, vec)],
-        "normalize": [(x3, vec, vec, vec, flag, vec, flag, x3)],
-        "backward_partials_channel_major": [(x3, x3, vec, i64, i64, part)],
-        "backward_partials_channels_last": [(x3, x3, vec, i64, i64, i64, part)],
-        "finalize_backward": [(part, i64, f64, vec, vec, vec, flag, flag, vec, vec, part)],
-        "backward_apply": [(x3, x3, part, flag, x3)],
-        "cast_copy": [(types.Array(data, 1, "A"), vec),                 # to_float64
-                      (vec, types.Array(stats, 1, "A"))],               # copyto
-        "invstd_from_var": [(vec, f64, vec)],
-        "var_from_m2": [(vec, f64, vec)],
-        "update_running_stats": [(types.Array(stats, 1, "A"), types.Array(stats, 1, "A"), vec,
-                                  vec, f64, f64, types.Array(types.uint8, 1, "C"))],
-        "strided_copy": [(types.Array(data, 8, "A"), types.Array(data, 8, "A"))],
-    }
+def _record_signatures():
+    from fastbn.backends import cuda as cuda_backend
+    seen = {}
+
+    def typ(a):
+        if hasattr(a, "_numba_type_"):
+            t = a._numba_type_
+            return ["array", str(t.dtype), t.ndim, t.layout]
+        if isinstance(a, (bool, np.bool_)):
+            return ["boolean"]
+        if isinstance(a, (int, np.integer)):
+            return ["int64"]
+        if isinstance(a, (float, np.floating)):
+            return ["float64"]
+        raise TypeError(f"a launch argument of type {type(a).__name__}")
+
+    cuda_backend._launch_hooks.append(
+        lambda name, blocks, stream, args: seen.setdefault(name, set()).add(
+            json.dumps([typ(a) for a in args])))
+    put = cuda.to_device
+    for dtype in ("float16", "float32", "float64"):
+        sdtype = np.float64 if dtype == "float64" else np.float32
+        for shape in [(3, 2, 5), (5, 2, 1)]:
+            channels = shape[1]
+            x, y = put(np.random.rand(*shape).astype(dtype)), put(np.zeros(shape, dtype))
+            for vdtype in (sdtype, np.float16, np.float64):
+                v = put(np.ones(channels, vdtype))
+                mean, invstd = put(np.zeros(channels, sdtype)), put(np.ones(channels, sdtype))
+                dgamma, dbeta = put(np.zeros(channels, sdtype)), put(np.zeros(channels, sdtype))
+                cuda_backend.forward_train(x, v, v, 1e-5, 0.1, put(np.zeros(channels, vdtype)),
+                                           put(np.ones(channels, vdtype)), "relu", x, None, y,
+                                           mean, invstd)
+                cuda_backend.forward_eval(x, v, v, v, v, 1e-5, None, None, y, mean, invstd)
+                cuda_backend.backward(x, x, mean, invstd, v, True, "relu", y, y, dgamma, dbeta,
+                                      y)
+                cuda_backend.update_running_stats(put(np.zeros(channels, vdtype)),
+                                                  put(np.ones(channels, vdtype)),
+                                                  put(np.zeros(channels)), put(np.ones(channels)),
+                                                  10, 0.1, None)
+            cuda_backend.forward_train(x, None, None, 1e-5, 0.1, None, None, None, None, None, y,
+                                       mean, invstd)
+            cuda_backend.forward_eval(x, None, None, mean, invstd, 1e-5, "sigmoid", x, y, mean,
+                                      invstd)
+            cuda_backend.backward(x, x, mean, invstd, None, False, None, None, y, dgamma, dbeta,
+                                  None)
+            cuda_backend.moments(x, put(np.zeros(channels, sdtype)), put(np.zeros(channels, sdtype)))
+            cuda_backend.channel_moments(x)
+            cuda_backend.backward_reduce(x, x, mean)
+            cuda_backend.backward_apply(x, x, *(np.ones(channels) for _ in range(4)), y)
+        cuda_backend.gather3(put(np.random.rand(3, 2, 10).astype(dtype))[:, :, ::2], (0, 1, 2),
+                             (3, 2, 5))
+    return {name: sorted(signatures) for name, signatures in seen.items()}
 
 
 def _compiler_problem():
@@ -483,49 +994,68 @@ def _ptxas():
     for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
         if home:
             candidates.append(str(Path(home) / "bin" / "ptxas"))
-    return [c for c in candidates if c and os.access(c, os.X_OK)]
+    return [c for c in dict.fromkeys(candidates) if c and os.access(c, os.X_OK)]
 
 
 @pytest.mark.skipif(SIMULATOR, reason="the simulator replaces numba.cuda; run without "
                                       "NUMBA_ENABLE_CUDASIM to compile for a real GPU")
-@pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
-def test_every_kernel_compiles_to_ptx_for_sm90(dtype, tmp_path, monkeypatch):
+def test_every_launched_signature_compiles_to_ptx_and_assembles_for_sm90(tmp_path, monkeypatch):
     problem = _compiler_problem()
     if problem:
         pytest.skip(problem)
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1",
+               PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
+    recorded = subprocess.run([sys.executable, __file__, "--record-signatures"], env=env,
+                              capture_output=True, text=True, timeout=600,
+                              cwd=root)
+    assert recorded.returncode == 0, recorded.stderr
+    signatures = json.loads(recorded.stdout.strip().splitlines()[-1])
     # numba-cuda compiles the device functions a kernel calls for the current device's compute
     # capability, even inside compile_ptx; with no GPU here, name the one compile_ptx targets
     import numba.cuda.dispatcher
+    from numba.cuda import types
     monkeypatch.setattr(numba.cuda.dispatcher, "get_current_device",
                         lambda: SimpleNamespace(compute_capability=(9, 0)))
     cuda_backend = importlib.import_module("fastbn.backends.cuda")
     functions = cuda_backend.kernel_functions(256, 4)
-    signatures = _kernel_signatures(dtype)
-    assert set(signatures) == set(functions), "a kernel without a signature here"
+    assert set(signatures) == set(functions), "a kernel no operation launches, or vice versa"
+
+    def build(t):
+        return types.Array(getattr(types, t[1]), t[2], t[3]) if t[0] == "array" \
+            else getattr(types, t[0])
+
     ptx_files = []
     for name, function in functions.items():
         for i, signature in enumerate(signatures[name]):
-            ptx, _ = cuda.compile_ptx(function, signature, cc=(9, 0))
+            ptx, _ = cuda.compile_ptx(function, tuple(build(t) for t in json.loads(signature)),
+                                      cc=(9, 0))
             assert ".target sm_90" in ptx and ".entry" in ptx, name
             path = tmp_path / f"{name}_{i}.ptx"
             path.write_text(ptx)
             ptx_files.append(path)
-    # assemble with ptxas when one that reads this PTX version is at hand (register allocation,
-    # shared-memory limits: what the driver's JIT will do on a GPU)
+    # assemble with ptxas (register allocation, shared-memory limits: what the driver's JIT will
+    # do on a GPU) when one that reads this PTX version is at hand; say so loudly when not
+    tried = []
     for ptxas in _ptxas():
-        version = subprocess.run([ptxas, "--version"], capture_output=True, text=True)
         probe = subprocess.run([ptxas, "-arch=sm_90", str(ptx_files[0]), "-o",
                                 str(tmp_path / "probe.cubin")], capture_output=True, text=True)
-        if "Unsupported .version" in probe.stderr:
-            continue              # an older toolkit than the NVVM that wrote the PTX
+        if probe.returncode != 0:
+            tried.append(f"{ptxas}: {probe.stderr.strip().splitlines()[:1]}")
+            continue              # e.g. an older toolkit than the NVVM that wrote the PTX
         for path in ptx_files:
             result = subprocess.run([ptxas, "-arch=sm_90", "-v", str(path), "-o",
                                      str(path.with_suffix(".cubin"))],
                                     capture_output=True, text=True)
             assert result.returncode == 0, f"{path.name}: {result.stderr}"
-        print(f"assembled {len(ptx_files)} kernels with {ptxas}: "
-              f"{version.stdout.splitlines()[-1:]}")
-        break
+        print(f"assembled {len(ptx_files)} kernels with {ptxas}")
+        return
+    where = tried or ["no ptxas on PATH, CUDA_HOME or in the nvidia wheels"]
+    message = (f"PTX NOT ASSEMBLED: {len(ptx_files)} kernels compiled to PTX, but no ptxas that "
+               f"reads this PTX version was found ({where}); pip install "
+               '"nvidia-cuda-nvcc==13.*" to run this step')
+    print(message)
+    warnings.warn(message)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -557,52 +1087,52 @@ def test_gpu_default_launch_configuration_matches_reference(shape, axis, dtype):
 
 @pytest.mark.gpu
 @needs_gpu
-def test_gpu_foreign_cuda_array_interface_is_used_without_a_copy():
-    class Foreign:
-        """Only the CUDA array interface, like a CuPy array or a PyTorch CUDA tensor."""
-
-        def __init__(self, device_array):
-            self._array = device_array
-
-        @property
-        def __cuda_array_interface__(self):
-            return self._array.__cuda_array_interface__
-
+def test_gpu_torch_tensors_in_torch_tensors_out_on_the_current_stream():
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("PyTorch without CUDA")
+    be = _cuda_backend()
     x, _, _, _ = _problem((4, 3, 5), 1, "float32")
-    d_x, d_y = cuda.to_device(x), cuda.device_array_like(x)
-    out = fastbn.batch_norm_forward(Foreign(d_x), out=(Foreign(d_y), None, None))
-    assert out.y.__cuda_array_interface__["data"][0] == d_y.__cuda_array_interface__["data"][0]
-    _close(d_y, fastbn.batch_norm_forward(x, backend="reference").y, "float32")
+    ref = fastbn.batch_norm_forward(x, backend="reference").y
+    t = torch.from_numpy(x).cuda()
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side), be.call_scope():
+        assert int(be.current_stream()) == side.cuda_stream
+        out = fastbn.batch_norm_forward(t)
+        y = be.result(out.y)
+    side.synchronize()
+    assert isinstance(y, torch.Tensor) and y.device == t.device
+    _close(y.cpu().numpy(), ref, "float32")
 
 
 @pytest.mark.gpu
 @needs_gpu
-def test_gpu_torch_and_cupy_tensors_without_a_copy():
-    x, _, _, _ = _problem((4, 3, 5), 1, "float32")
-    ref = fastbn.batch_norm_forward(x, backend="reference").y
-    tried = 0
-    try:
-        import torch
-        if torch.cuda.is_available():
-            t = torch.from_numpy(x).cuda()
-            y = torch.empty_like(t)
-            out = fastbn.batch_norm_forward(t, out=(y, None, None))
-            assert torch.as_tensor(out.y, device="cuda").data_ptr() == y.data_ptr()
-            _close(y.cpu().numpy(), ref, "float32")
-            tried += 1
-    except ImportError:
-        pass
-    try:
-        import cupy
-        c = cupy.asarray(x)
-        out = fastbn.batch_norm_forward(c)
-        _close(cupy.asnumpy(cupy.asarray(out.y)), ref, "float32")
-        tried += 1
-    except ImportError:
-        pass
-    if not tried:
-        pytest.skip("neither PyTorch with CUDA nor CuPy is installed")
+def test_gpu_forward_and_backward_capture_in_a_cuda_graph():
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("PyTorch without CUDA")
+    x, dy, _, _ = _problem((8, 16, 9, 9), 1, "float32")
+    t_x, t_dy = torch.from_numpy(x).cuda(), torch.from_numpy(dy).cuda()
+    y, mean, invstd = (torch.empty_like(t_x), torch.empty(16, device="cuda"),
+                       torch.empty(16, device="cuda"))
+    dx = torch.empty_like(t_x)
+    stream = torch.cuda.Stream()
 
+    def step():
+        fastbn.batch_norm_forward(t_x, out=(y, mean, invstd), stream=stream.cuda_stream)
+        fastbn.batch_norm_backward(t_dy, t_x, mean, invstd, out=(dx, None, None),
+                                   stream=stream.cuda_stream)
+
+    with torch.cuda.stream(stream):
+        step()                                   # compile and create scratch before capture
+    stream.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        step()
+    y.zero_()
+    graph.replay()
+    torch.cuda.synchronize()
+    _close(y.cpu().numpy(), fastbn.batch_norm_forward(x, backend="reference").y, "float32")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -620,7 +1150,10 @@ def test_gpu_benchmark_validates_times_and_reports(tmp_path):
         (layout, op) for layout in ("NCHW", "NHWC") for op in bench_gpu.OPS]
     for row in result["rows"]:
         assert row["variants"]["fastbn"]["valid"] and row["variants"]["copy"]["valid"]
-        assert row["variants"]["fastbn"]["median_ms"] > 0
     assert "| 2x3x2x3 NCHW float32 | fwd-train |" in table.read_text()
     with pytest.raises(SystemExit):
         bench_gpu.parse_args(["--shape", "2,x"])
+
+
+if __name__ == "__main__" and "--record-signatures" in sys.argv:
+    print(json.dumps(_record_signatures()))

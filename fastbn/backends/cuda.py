@@ -57,6 +57,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .. import _config
+from . import STREAM
 from ._memory import is_device_array
 
 _INSTALL_HINT = 'pip install "fastbn[cuda]"'
@@ -588,6 +589,8 @@ def kernel_functions(tpb, unroll):
             for c in range(e, channels, step):
                 mean_out[c] = mean[c]
                 invstd_out[c] = 1.0 / math.sqrt(np.float64(invstd[c]) + eps)
+        if size == 0:             # only the statistics to write
+            return
         step_o, step_c, step_i = _split_flat(step, channels, inner)
         o, c, i = _split_flat(e, channels, inner)
         while e < size:
@@ -898,10 +901,11 @@ _call = contextvars.ContextVar("fastbn_cuda_call", default=None)
 @contextlib.contextmanager
 def call_scope(stream=None):
     """One public call. Inside it every launch goes to ``stream`` (a numba, PyTorch or CuPy
-    stream, or an integer handle; None: the stream the inputs name, else the default stream),
-    ``asarray`` checks that the arguments come from one array library and ``empty`` allocates
-    from it. The API wraps validation, allocation and the backend call in one scope; outside
-    any scope, launches go to the default stream and outputs are numba arrays."""
+    stream, or an integer handle; None: ``fastbn.backends.STREAM``, else the stream the inputs
+    name, else the default stream), ``asarray`` checks that the arguments come from one array
+    library, ``empty``/``empty_like`` allocate from it and ``result`` gives back the caller's
+    type. The API wraps validation, allocation and the backend call in one scope; outside any
+    scope, launches go to STREAM or the default stream and outputs are numba arrays."""
     if stream is not None:
         stream = _as_stream(stream)           # a bad stream= fails before anything runs
     token = _call.set(_Call(stream))
@@ -975,12 +979,15 @@ def _named_stream(a):
 
 
 def current_stream(arrays=(), stream=None):
-    """The stream to launch on: ``stream`` (a numba stream or an integer handle), else the
-    current call's ``stream=``, else the first stream an input of the call named (see
-    ``_named_stream``; ``arrays`` are asked too), else numba's default stream."""
+    """The stream to launch on: ``stream`` (a numba, PyTorch or CuPy stream or an integer
+    handle), else the current call's ``stream=`` (call_scope, or ``fastbn.backends.STREAM``,
+    which the API sets from its ``stream=`` keyword), else the first stream an input of the call
+    named (see ``_named_stream``; ``arrays`` are asked too), else numba's default stream."""
     call = _call.get()
     if stream is None and call is not None:
         stream = call.stream
+    if stream is None:
+        stream = STREAM.get()
     if stream is not None:
         return _as_stream(stream)
     if call is not None and call.named_stream is not None:
@@ -1146,9 +1153,9 @@ def asarray(a, name):
     """A numba device array viewing ``a``'s memory (CuPy, PyTorch, numba: no copy, imported
     with ``sync=False``: ordering is kept by launching on the stream the inputs name).
 
-    Records the call's array library (outputs come from it) and the first stream an input
-    names; arrays from two different foreign libraries in one call are a TypeError naming both
-    arguments. numba device arrays mix with any library."""
+    Inside call_scope it records the call's array library (outputs come from it) and the first
+    stream an input names; arrays of two different foreign libraries in one call are a
+    TypeError naming both arguments (numba device arrays mix with any library)."""
     array = _numba(a, name)
     call = _call.get()
     if call is None:
@@ -1161,9 +1168,17 @@ def asarray(a, name):
             raise TypeError(f"{name}: got a {library} array while {call.library_arg} is a "
                             f"{call.library} array; pass the arrays of one call from one "
                             f"library (or numba device arrays, which mix with any)")
+        array._fastbn_source = a           # result() gives the caller's object back
     if call.named_stream is None and call.stream is None:
         call.named_stream = _named_stream(a)
     return array
+
+
+def result(a):
+    """The caller's object for an array of this backend: the PyTorch tensor or CuPy array that
+    ``asarray`` viewed or ``empty`` allocated, else ``a`` itself (the API returns outputs
+    through this, so that PyTorch in gives PyTorch out)."""
+    return getattr(a, "_fastbn_source", a)
 
 
 def _torch_dtype(dtype):
@@ -1203,6 +1218,8 @@ def _span(shape, strides, itemsize):
 
 
 def _allocate(shape, dtype, strides, like):
+    """A numba device array; from like's library when it is a foreign one (the numba array
+    views that memory and result() gives the foreign object back)."""
     if like is None:
         call = _call.get()
         like = call.like if call is not None else None
@@ -1210,21 +1227,25 @@ def _allocate(shape, dtype, strides, like):
     if allocate is None:
         base = _device_array(tuple(shape), dtype=np.dtype(dtype))
         return base if strides is None else _view(base, shape, strides)
-    return allocate(tuple(shape), np.dtype(dtype), strides, like)
+    owner = allocate(tuple(shape), np.dtype(dtype), strides, like)
+    array = _numba(owner)
+    array._fastbn_source = owner
+    return array
 
 
 def empty(shape, dtype, like=None):
-    """An uninitialized device array from the call's array library (PyTorch in: torch.empty on
-    the input's device; CuPy in: CuPy's pool; otherwise numba). ``like``: the caller's array
-    whose library and device to follow (default: the first foreign argument of the call)."""
+    """An uninitialized device array, from the call's array library (PyTorch in: torch.empty on
+    the input's device, its caching allocator; CuPy in: CuPy's pool; otherwise numba). ``like``:
+    the caller's array whose library and device to follow (default: the first foreign argument
+    of the call_scope). Returns a numba array; result() gives the library's object."""
     return _allocate(tuple(shape), dtype, None, like)
 
 
 def empty_like(a, like=None):
-    """Same shape and dtype in a's memory order (as numpy.empty_like(order='K')), from a's
-    library (or like's)."""
-    if like is None and not _is_numba_device_array(a):
-        like = a
+    """Same shape and dtype in a's memory order (as numpy.empty_like(order='K')), from the
+    call's array library (or a's, or like's)."""
+    if like is None:
+        like = result(a) if not _is_numba_device_array(result(a)) else None
     a = _numba(a)
     order = sorted(range(a.ndim), key=lambda d: -abs(a.strides[d]))
     if order == list(range(a.ndim)):
@@ -1272,11 +1293,16 @@ def _c_strides(shape, itemsize):
 
 
 def view3(a, shape3, strides3):
+    if isinstance(a, np.ndarray):      # a host array: the operation refuses it by name
+        return np.lib.stride_tricks.as_strided(a, shape3, strides3)
     return _view(_numba(a), shape3, strides3)
 
 
 def byte_bounds(a):
-    """(low, high) device addresses that a may touch (high exclusive; (p, p) when empty)."""
+    """(low, high) device addresses that a may touch (high exclusive; (p, p) when empty). A
+    host array (refused by the operation itself, naming it) gives its host bounds."""
+    if isinstance(a, np.ndarray):
+        return tuple(np.lib.array_utils.byte_bounds(a))
     a = _numba(a)
     low = high = _pointer(a)
     if a.size == 0:
@@ -1292,7 +1318,7 @@ def byte_bounds(a):
 def shares_memory(a, b):
     """Whether the memory extents of two device arrays overlap (conservative: interleaved
     views of one buffer count as overlapping)."""
-    if _numba(a).size == 0 or _numba(b).size == 0:
+    if a.size == 0 or b.size == 0 or isinstance(a, np.ndarray) != isinstance(b, np.ndarray):
         return False
     low_a, high_a = byte_bounds(a)
     low_b, high_b = byte_bounds(b)
@@ -1328,6 +1354,8 @@ def _copy_strided(src, dst, shape, src_strides, dst_strides):
 def gather3(a, perm, shape3):
     """Contiguous (outer, C, inner) copy of a device array whose axes do not merge into a view
     (a numba scratch copy: the caller never sees it)."""
+    if isinstance(a, np.ndarray):      # a host array: the operation refuses it by name
+        return np.ascontiguousarray(a.transpose(perm)).reshape(shape3)
     a = _numba(a)
     out = _device_array(tuple(shape3), dtype=a.dtype)
     shape = tuple(a.shape[p] for p in perm)
@@ -1373,6 +1401,8 @@ def _reduce_stats(x3, mode, out_a, out_b, stat=None, eps=1.0, running_mean=None,
     outer, channels, inner = x3.shape
     if channels == 0:
         return None
+    if outer * inner == 0:        # no values: the channels-last kernel writes NaN statistics
+        x3, outer, inner = _device_array((0, channels, 1), dtype=x3.dtype), 0, 1
     settings = _settings()
     stream = current_stream((x3,))
     count = outer * inner
@@ -1444,12 +1474,14 @@ def forward_train(x3, weight, bias, eps, momentum, running_mean, running_var, ac
 
     ``warn`` is not called (it would need a host wait): channels whose new running statistics
     would not be finite are left unchanged and recorded on the device (nonfinite_channels())."""
-    x3, y3, mean, invstd = _numba(x3), _numba(y3), _numba(mean), _numba(invstd)
-    weight = None if weight is None else _numba(weight)
-    bias = None if bias is None else _numba(bias)
-    residual3 = None if residual3 is None else _numba(residual3)
+    x3, y3, mean, invstd = (_numba(a, n) for a, n in ((x3, "x"), (y3, "y"), (mean, "mean"),
+                                                       (invstd, "invstd")))
+    weight = None if weight is None else _numba(weight, "gamma")
+    bias = None if bias is None else _numba(bias, "beta")
+    residual3 = None if residual3 is None else _numba(residual3, "residual")
     if running_mean is not None:
-        running_mean, running_var = _numba(running_mean), _numba(running_var)
+        running_mean = _numba(running_mean, "running_mean")
+        running_var = _numba(running_var, "running_var")
     channels = x3.shape[1]
     if channels == 0:
         return
@@ -1463,18 +1495,22 @@ def forward_train(x3, weight, bias, eps, momentum, running_mean, running_var, ac
 def forward_eval(x3, weight, bias, running_mean, running_var, eps, activation, residual3, y3,
                  mean, invstd):
     """Algorithm 2 (+ activation, residual) in one launch, which also writes mean/invstd."""
-    x3, y3, mean, invstd = _numba(x3), _numba(y3), _numba(mean), _numba(invstd)
-    weight = None if weight is None else _numba(weight)
-    bias = None if bias is None else _numba(bias)
-    residual3 = None if residual3 is None else _numba(residual3)
-    _normalize(x3, _numba(running_mean), _numba(running_var), True, eps, weight, bias,
-               activation, residual3, y3, mean, invstd)
+    x3, y3, mean, invstd = (_numba(a, n) for a, n in ((x3, "x"), (y3, "y"), (mean, "mean"),
+                                                       (invstd, "invstd")))
+    weight = None if weight is None else _numba(weight, "gamma")
+    bias = None if bias is None else _numba(bias, "beta")
+    residual3 = None if residual3 is None else _numba(residual3, "residual")
+    _normalize(x3, _numba(running_mean, "running_mean"), _numba(running_var, "running_var"),
+               True, eps, weight, bias, activation, residual3, y3, mean, invstd)
 
 
 def _reduce_grad(dy3, x3, y3, activation, mean, invstd, weight, training, mode, coef, dgamma,
                  dbeta):
     """One launch: the gradient-sums kernel of x3's regime, finishing per channel as mode."""
     outer, channels, inner = x3.shape
+    if outer * inner == 0:        # no values: the channels-last kernel writes zero sums
+        dy3 = x3 = y3 = _device_array((0, channels, 1), dtype=x3.dtype)
+        outer, inner = 0, 1
     settings = _settings()
     stream = current_stream((x3,))
     weight, has_weight = _vector_or(weight, mean)
@@ -1498,11 +1534,12 @@ def backward(dy3, x3, mean, invstd, weight, training, activation, y3, dx3, dgamm
              dresidual3):
     """Gradients in two launches: sums (whose last block per channel writes dgamma, dbeta and
     the dx coefficients), then dx (and dresidual)."""
-    dy3, x3, dx3 = _numba(dy3), _numba(x3), _numba(dx3)
-    mean, invstd, dgamma, dbeta = _numba(mean), _numba(invstd), _numba(dgamma), _numba(dbeta)
-    weight = None if weight is None else _numba(weight)
+    dy3, x3, dx3, mean, invstd, dgamma, dbeta = (_numba(a, n) for a, n in (
+        (dy3, "dy"), (x3, "x"), (dx3, "dx"), (mean, "mean"), (invstd, "invstd"),
+        (dgamma, "dgamma"), (dbeta, "dbeta")))
+    weight = None if weight is None else _numba(weight, "gamma")
     code = ACTIVATION_CODES[activation]
-    y3 = x3 if y3 is None or code == 0 else _numba(y3)
+    y3 = x3 if y3 is None or code == 0 else _numba(y3, "y")
     channels = x3.shape[1]
     if channels == 0:
         return
@@ -1512,8 +1549,8 @@ def backward(dy3, x3, mean, invstd, weight, training, activation, y3, dx3, dgamm
                  dbeta)
     if x3.size == 0:
         return
-    dresidual3, has_dresidual = _vector_or(None if dresidual3 is None else _numba(dresidual3),
-                                           dx3)
+    dresidual3, has_dresidual = _vector_or(
+        None if dresidual3 is None else _numba(dresidual3, "dresidual"), dx3)
     settings = _settings()
     _launch(settings, "grad_apply", _elementwise_blocks(x3.size, settings), stream, dy3, x3, y3,
             code, coef[0], coef[1], coef[2], coef[3], bool(training), dx3, dresidual3,
@@ -1573,3 +1610,41 @@ def update_running_stats(running_mean, running_var, mean, var, count, momentum, 
             running_var, mean, var, float(momentum), float(unbias),
             _limit(running_mean.dtype), _limit(running_var.dtype), flags)
     _record_nonfinite(flags, channels, stream)
+
+
+# ----------------------------------------------------------------------------------------------
+# eager compilation
+
+def precompile(dtypes=("float16", "float32", "float64"), activations=(None, "relu", "sigmoid")):
+    """Compile, ahead of the first real call, every kernel that device arrays of these dtypes use
+    with per-channel vectors in the statistics dtype (PyTorch's convention: float32 for float16
+    and float32 data), in both regimes, training and eval, forward and backward, with and
+    without running statistics. Other dtype mixes compile on first use. Returns the number of
+    launches it made (on tiny arrays: the run itself costs nothing)."""
+    launches = []
+    _launch_hooks.append(lambda *args: launches.append(args[0]))
+    try:
+        for dtype in dtypes:
+            stats = np.float64 if np.dtype(dtype) == np.float64 else np.float32
+            for shape in ((2, 3, 5), (5, 3, 1)):
+                channels = shape[1]
+                x = _to_device(np.linspace(-1.0, 1.0, math.prod(shape)).astype(dtype)
+                               .reshape(shape))
+                y, dx = empty(shape, dtype), empty(shape, dtype)
+                vec = [_to_device(np.ones(channels, stats)) for _ in range(8)]
+                weight, bias, running_mean, running_var, mean, invstd, dgamma, dbeta = vec
+                for activation in activations:
+                    forward_train(x, weight, bias, 1e-5, 0.1, running_mean, running_var,
+                                  activation, None, None, y, mean, invstd)
+                    forward_eval(x, weight, bias, running_mean, running_var, 1e-5, activation,
+                                 None, y, mean, invstd)
+                    for training in (True, False):
+                        backward(x, x, mean, invstd, weight, training, activation, y, dx,
+                                 dgamma, dbeta, None)
+                forward_train(x, None, None, 1e-5, 0.1, None, None, None, None, None, y, mean,
+                              invstd)
+                moments(x, mean, invstd)
+                channel_moments(x)
+    finally:
+        _launch_hooks.pop()
+    return len(launches)
