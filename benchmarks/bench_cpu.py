@@ -296,26 +296,37 @@ def run_trainer(thread_counts, steps, repeats):
     return rows
 
 
+# the contract's names of the benchmark operations
+CONTRACT_OPS = {"fwd-train": "forward_train", "eval": "forward_eval", "backward": "backward",
+                "moments": "moments"}
+MANY_CORES = 64               # goal 5: a large tensor offers this many tasks
+LARGE_ELEMENTS = 1 << 20
+
+
+def canonical_shape(case):
+    """The (outer, C, inner) view fastbn's kernels see for a case."""
+    n, c, *spatial = case.shape
+    inner = math.prod(spatial)
+    if case.layout in ("NHWC", "NHWC-view"):
+        return (n * inner, c, 1)
+    return (n, c, inner)
+
+
 def task_counts(cases):
-    """{label: {op: tasks}} from the cpu backend's own plan (``fastbn.backends.cpu.task_count``
-    when it exists), or None with the reason."""
+    """({label: {op: tasks}}, None) from the cpu backend's own plan
+    (``fastbn.backends.cpu.plan_tasks``), or (None, why not)."""
     from fastbn.backends import cpu
-    count = getattr(cpu, "task_count", None)
-    if count is None:
-        return None, ("fastbn.backends.cpu has no task_count(op, x3) planning function; "
-                      "no task counts")
+    plan_tasks = getattr(cpu, "plan_tasks", None)
+    if plan_tasks is None:
+        return None, "fastbn.backends.cpu has no plan_tasks(shape3, itemsize, op); no task counts"
     table = {}
     for case in cases:
-        x = case.allocate()
-        x3 = _canonical_view(x, case.axis)
-        table[case.label] = {op: int(count(op, x3)) for op in OPERATIONS}
+        shape3 = canonical_shape(case)
+        itemsize = np.dtype(case.dtype).itemsize
+        table[case.label] = {"shape3": list(shape3), "elements": case.size,
+                             **{op: int(plan_tasks(shape3, itemsize, CONTRACT_OPS[op]))
+                                for op in OPERATIONS}}
     return table, None
-
-
-def _canonical_view(x, axis):
-    from fastbn import api
-    from fastbn.backends import cpu
-    return api.Canonical(cpu, x, axis % x.ndim).view(x)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -527,10 +538,17 @@ def tasks_table(tasks):
     table, why = tasks.get("table"), tasks.get("note")
     if table is None:
         return f"({why})"
-    lines = ["| case | " + " | ".join(OPERATIONS) + " |", "|---|" + "---:|" * len(OPERATIONS)]
+    lines = [f"Tasks per call from the cpu plan (`fastbn.backends.cpu.plan_tasks`); the plan "
+             f"depends on the shape only, never on the thread count. ⚠ = a tensor of at least "
+             f"{LARGE_ELEMENTS:,} elements that offers fewer than {MANY_CORES} tasks (goal 5).",
+             "", "| case | (outer, C, inner) | " + " | ".join(OPERATIONS) + " |",
+             "|---|---|" + "---:|" * len(OPERATIONS)]
     for label, counts in table.items():
-        lines.append(f"| {label} | " + " | ".join(str(counts.get(op, "–")) for op in OPERATIONS)
-                     + " |")
+        large = counts.get("elements", 0) >= LARGE_ELEMENTS
+        cells = [str(counts[op]) + (" ⚠" if large and counts[op] < MANY_CORES else "")
+                 if op in counts else "–" for op in OPERATIONS]
+        shape3 = "×".join(map(str, counts.get("shape3", ()))) or "?"
+        lines.append(f"| {label} | {shape3} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -736,6 +754,8 @@ def main(argv=None):
     ap.add_argument("--no-docs", action="store_true",
                     help="do not rewrite docs/benchmarks.md and README.md")
     ap.add_argument("--render", type=Path, help="only regenerate the tables from this JSON")
+    ap.add_argument("--merge", type=Path, help="start from this JSON and replace only the "
+                    "sections measured now (with --out)")
     ap.add_argument("--docs", type=Path, default=DOCS)
     ap.add_argument("--readme", type=Path, default=README)
     args = ap.parse_args(argv)
@@ -779,21 +799,51 @@ def main(argv=None):
         print("fastbn exports no output pool (fastbn.output_pool_stats): fresh outputs are "
               "plain np.empty arrays", flush=True)
     started = time.perf_counter()
+    result["section_s"] = {}
+
+    def done(section, since):
+        result["section_s"][section] = time.perf_counter() - since
+        print(f"[{section}: {result['section_s'][section]:.0f} s]", flush=True)
+        save()
+
+    def save():
+        """The JSON so far (after every section: a crash later loses nothing measured)."""
+        if not args.out:
+            return
+        merged = result
+        if args.merge:
+            merged = json.loads(args.merge.read_text())
+            section_s = {**merged.get("section_s", {}), **result["section_s"]}
+            merged.update({k: v for k, v in result.items() if k not in ("results",)
+                           or "large" in sections})
+            merged["section_s"] = section_s
+            merged["merged_sections"] = sorted(set(merged.get("merged_sections", []))
+                                               | set(sections))
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(merged, indent=1))
+
     if "large" in sections:
+        since = time.perf_counter()
         for case in pick(SMOKE_CASES if args.smoke else FULL_CASES):
             result["results"] += run_case(case, impls, rounds, slow_rounds=slow_rounds)
+        done("large", since)
     result["machine"]["numba_threading_layer"] = _threading_layer()
     if "scaling" in sections:
+        since = time.perf_counter()
         scale_cases = SMOKE_CASES[-2:] if args.smoke else SCALING_CASES
         scale_cases = pick(scale_cases) or scale_cases[:1]
         counts = sorted({1, registry.num_threads()})
         result["thread_scaling"] = run_scaling(scale_cases, impls, rounds, counts)
+        done("scaling", since)
     if "small" in sections:
+        since = time.perf_counter()
         small = pick(SMOKE_CASES if args.smoke else SMALL_CASES)
         result["small"] = run_at_threads(small, impls, small_rounds,
                                          _threads_list(args.small_threads), section="small",
                                          slow_rounds=slow_rounds)
+        done("small", since)
     if "fused" in sections:
+        since = time.perf_counter()
         if hasattr(fastbn, "batch_norm_act_forward"):
             fused_impls, fused_skipped = registry.available(table=registry.FUSED_IMPLEMENTATIONS)
             result["skipped"].update({f"fused {k}": v for k, v in fused_skipped.items()})
@@ -803,11 +853,15 @@ def main(argv=None):
                                             slow_rounds=slow_rounds, section="fused")
         else:
             print("fastbn has no batch_norm_act_forward: no fused section", flush=True)
+        done("fused", since)
     if "trainer" in sections:
+        since = time.perf_counter()
         steps, repeats = (5, 1) if args.smoke else (args.trainer_steps, args.trainer_repeats)
         result["trainer"] = run_trainer(_threads_list(args.small_threads), steps, repeats)
+        done("trainer", since)
     if "tasks" in sections:
-        cases = pick(SMOKE_CASES if args.smoke else FULL_CASES + SMALL_CASES)
+        cases = pick(SMOKE_CASES if args.smoke else
+                     FULL_CASES + tuple(c for c in SMALL_CASES if c.dtype == "float32"))
         try:
             table, note = task_counts(cases)
         except Exception as e:                         # the cpu plan changed shape
@@ -815,17 +869,19 @@ def main(argv=None):
         result["tasks"] = {"table": table, "note": note}
         print(tasks_table(result["tasks"]))
     if "cold" in sections:
+        since = time.perf_counter()
         from . import cold_start
         result["cold_start"] = cold_start.measure()
         print(cold_table(result["cold_start"]))
+        done("cold", since)
     result["elapsed_s"] = time.perf_counter() - started
     print(f"measured in {result['elapsed_s']:.0f} s", flush=True)
+    save()
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=1))
         print(f"wrote {args.out}")
     if not args.no_docs:
-        render(result, args.docs, args.readme)
+        render(json.loads(args.out.read_text()) if args.out and args.merge else result,
+               args.docs, args.readme)
         print(f"updated {args.docs} and {args.readme}")
     return 0
 
