@@ -123,8 +123,10 @@ def main(argv=None):
     ap.add_argument("--no-warmup", action="store_true")
     ap.add_argument("--out", help="write the JSON here")
     args = ap.parse_args(argv)
-    result = measure(args.layouts, args.dtypes, not args.no_warmup,
-                     log=lambda s: print(s, file=sys.stderr))
+    from .bench_cpu import machine
+    result = {"machine": machine(),
+              **measure(args.layouts, args.dtypes, not args.no_warmup,
+                        log=lambda s: print(s, file=sys.stderr))}
     text = json.dumps(result, indent=1)
     if args.out:
         with open(args.out, "w") as f:
