@@ -1,0 +1,249 @@
+"""Bitwise determinism of the cpu backend (issue 13.1): the same input gives the same bits
+whatever the process did before and wherever the outputs go.
+
+* serial and parallel kernels (``CPU_PARALLEL_MIN_SIZE``);
+* in place and out of place (``out=(dy, None, None)``, ``out=(x, None, None)``);
+* any output buffer layout: C order, Fortran order, permuted and strided views as ``out=``;
+* a process that compiles the kernels and a process that loads them from Numba's cache (two
+  subprocesses sharing a fresh ``NUMBA_CACHE_DIR``).
+
+The shapes are above the parallel threshold (32768 elements) and cover each work split:
+channel-major with few channels (C = 1, 3, 5: channels split into segments), channel runs,
+short runs as column blocks (7x7), and channels-last row blocks.
+"""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import fastbn
+from fastbn import _config
+
+DTYPES = ["float16", "float32", "float64"]
+# (shape, axis): every path of the cpu backend, each above CPU_PARALLEL_MIN_SIZE
+CASES = [((2, 1, 20001), 1),        # C = 1: one channel split into segments
+         ((3, 3, 4001), 1),         # C = 3: segments
+         ((6, 5, 1201), 1),         # C = 5: segments
+         ((2, 40, 451), 1),         # channel runs
+         ((17, 40, 7, 7), 1),       # short runs: column blocks
+         ((12001, 3), 1),           # channels-last, few channels: row blocks
+         ((40, 7, 7, 24), -1)]      # NHWC
+IDS = ["C1-segments", "C3-segments", "C5-segments", "runs", "7x7", "NC", "NHWC"]
+
+
+def _bits(a):
+    a = np.asarray(a.copy_to_host() if hasattr(a, "copy_to_host") else a)
+    return np.ascontiguousarray(a).view(np.uint8)
+
+
+def _assert_same_bits(got, want, what):
+    for name in want:
+        a, b = np.asarray(got[name]), np.asarray(want[name])
+        assert a.shape == b.shape and a.dtype == b.dtype, (what, name)
+        if not np.array_equal(_bits(a), _bits(b)):
+            differ = int(np.sum(_bits(a).reshape(a.size, -1) != _bits(b).reshape(b.size, -1),
+                                axis=1).astype(bool).sum()) if a.size else 0
+            raise AssertionError(f"{what}: {name} differs in {differ} of {a.size} elements")
+
+
+def _problem(shape, axis, dtype, seed=0):
+    rng = np.random.default_rng(seed)
+    channels = shape[axis]
+    x = (rng.standard_normal(shape) * 3 + 5).astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    residual = rng.standard_normal(shape).astype(dtype)
+    gamma = rng.uniform(0.5, 2, channels).astype(np.float32)
+    beta = rng.standard_normal(channels)
+    return x, dy, residual, gamma, beta
+
+
+def _outputs(x, dy, residual, gamma, beta, axis, outs=None):
+    """Every output of every cpu operation on one problem, by name. outs: optional callable
+    giving a preallocated output for (name, shape, dtype)."""
+    def out(name, shape, dtype):
+        return None if outs is None else outs(name, shape, dtype)
+
+    channels = x.shape[axis]
+    sdtype = fastbn.stats_dtype(x.dtype)
+    result = {}
+    rm, rv = np.zeros(channels, np.float32), np.ones(channels, np.float32)
+    fwd = fastbn.batch_norm_forward(
+        x, gamma, beta, axis=axis, running_mean=rm, running_var=rv, backend="cpu",
+        out=(out("y", x.shape, x.dtype), out("mean", channels, sdtype),
+             out("invstd", channels, sdtype)))
+    result.update(y=fwd.y.copy(), mean=fwd.mean.copy(), invstd=fwd.invstd.copy(),
+                  running_mean=rm, running_var=rv)
+    ev = fastbn.batch_norm_forward(x, gamma, beta, axis=axis, training=False, running_mean=rm,
+                                   running_var=rv, out=(out("eval", x.shape, x.dtype), None, None),
+                                   backend="cpu")
+    result["eval"] = ev.y.copy()
+    for training in (True, False):
+        grads = fastbn.batch_norm_backward(
+            dy, x, fwd.mean, fwd.invstd, gamma, axis=axis, training=training, backend="cpu",
+            out=(out("dx", x.shape, x.dtype), out("dgamma", channels, sdtype),
+                 out("dbeta", channels, sdtype)))
+        for name in ("dx", "dgamma", "dbeta"):
+            result[f"{name} training={training}"] = getattr(grads, name).copy()
+    fused = fastbn.batch_norm_act_forward(x, gamma, beta, activation="relu", residual=residual,
+                                          axis=axis, out=(out("fused y", x.shape, x.dtype),
+                                                          None, None), backend="cpu")
+    result["fused y"] = fused.y.copy()
+    fused_grads = fastbn.batch_norm_act_backward(
+        dy, fused.y, x, fused.mean, fused.invstd, gamma, activation="relu", residual=True,
+        axis=axis, out=(out("fused dx", x.shape, x.dtype), None, None,
+                        out("dresidual", x.shape, x.dtype)), backend="cpu")
+    result.update({"fused dx": fused_grads.dx.copy(), "fused dgamma": fused_grads.dgamma.copy(),
+                   "dresidual": fused_grads.dresidual.copy()})
+    mean, var = fastbn.moments(x, axis=axis, backend="cpu")
+    result.update({"moments mean": mean, "moments var": var})
+    return result
+
+
+@pytest.fixture
+def serial_or_parallel(monkeypatch):
+    def use(parallel):
+        monkeypatch.setattr(_config, "CPU_PARALLEL_MIN_SIZE", 0 if parallel else 1 << 62)
+    return use
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape, axis", CASES, ids=IDS)
+def test_serial_and_parallel_kernels_give_the_same_bits(serial_or_parallel, shape, axis, dtype):
+    problem = _problem(shape, axis, dtype)
+    serial_or_parallel(False)
+    serial = _outputs(*problem, axis)
+    serial_or_parallel(True)
+    parallel = _outputs(*problem, axis)
+    _assert_same_bits(parallel, serial, "parallel vs serial")
+
+
+@pytest.mark.parametrize("parallel", [True, False], ids=["parallel", "serial"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape, axis", CASES, ids=IDS)
+def test_in_place_and_out_of_place_give_the_same_bits(serial_or_parallel, shape, axis, dtype,
+                                                      parallel):
+    serial_or_parallel(parallel)
+    x, dy, residual, gamma, beta = _problem(shape, axis, dtype)
+    fwd = fastbn.batch_norm_forward(x, gamma, beta, axis=axis, backend="cpu")
+    for training in (True, False):
+        want = fastbn.batch_norm_backward(dy, x, fwd.mean, fwd.invstd, gamma, axis=axis,
+                                          training=training, backend="cpu")
+        in_place = dy.copy()
+        got = fastbn.batch_norm_backward(in_place, x, fwd.mean, fwd.invstd, gamma, axis=axis,
+                                         training=training, out=(in_place, None, None),
+                                         backend="cpu")
+        assert got.dx is in_place
+        _assert_same_bits(got._asdict(), want._asdict(), f"backward training={training} in place")
+    x_in_place = x.copy()
+    got = fastbn.batch_norm_forward(x_in_place, gamma, beta, axis=axis,
+                                    out=(x_in_place, None, None), backend="cpu")
+    assert got.y is x_in_place
+    _assert_same_bits(got._asdict(), fwd._asdict(), "forward in place")
+    fused = fastbn.batch_norm_act_forward(x, gamma, beta, residual=residual, axis=axis,
+                                          backend="cpu")
+    want = fastbn.batch_norm_act_backward(dy, fused.y, x, fused.mean, fused.invstd, gamma,
+                                          residual=True, axis=axis, backend="cpu")
+    in_place = dy.copy()
+    got = fastbn.batch_norm_act_backward(in_place, fused.y, x, fused.mean, fused.invstd, gamma,
+                                         residual=True, axis=axis,
+                                         out=(in_place, None, None, None), backend="cpu")
+    _assert_same_bits(got._asdict(), want._asdict(), "fused backward in place")
+
+
+def _layout(kind, shape, dtype):
+    """A NaN-filled output buffer of the given shape in one memory layout."""
+    if kind == "C":
+        return np.full(shape, np.nan, dtype)
+    if kind == "F":
+        return np.asfortranarray(np.full(shape, np.nan, dtype))
+    if kind == "permuted":            # axes stored in reverse order
+        return np.full(shape[::-1], np.nan, dtype).transpose()
+    # strided: every other element of the last axis, in a buffer with room around it
+    big = np.full(tuple(n + 1 for n in shape[:-1]) + (2 * shape[-1] + 1,), np.nan, dtype)
+    return big[tuple(slice(1, None) for _ in shape[:-1]) + (slice(1, None, 2),)]
+
+
+@pytest.mark.parametrize("kind", ["C", "F", "permuted", "strided"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape, axis", CASES, ids=IDS)
+def test_output_buffer_layout_does_not_change_the_bits(shape, axis, dtype, kind):
+    problem = _problem(shape, axis, dtype)
+    want = _outputs(*problem, axis)
+
+    def outs(name, shape, out_dtype):
+        if isinstance(shape, int):         # per-channel outputs: contiguous or strided
+            return _layout("strided" if kind in ("strided", "permuted") else "C", (shape,),
+                           out_dtype)
+        return _layout(kind, shape, out_dtype)
+
+    got = _outputs(*problem, axis, outs=outs)
+    _assert_same_bits(got, want, f"out= in {kind} layout")
+
+
+# ----------------------------------------------------------------------------------------------
+# a compiling process against a cache-loading process
+
+_CHILD = textwrap.dedent("""
+    import json, sys
+    import numpy as np
+    from numba.core.dispatcher import Dispatcher
+    sys.path.insert(0, sys.argv[2])
+    import fastbn
+    from fastbn import _config
+    from fastbn.backends import cpu
+    import test_determinism as t
+
+    results = {}
+    for config, threshold in (("parallel", 0), ("serial", 1 << 62)):
+        _config.CPU_PARALLEL_MIN_SIZE = threshold
+        for dtype in ("float32", "float64"):
+            for (shape, axis), label in zip(t.SUBPROCESS_CASES, t.SUBPROCESS_IDS):
+                problem = t._problem(shape, axis, dtype)
+                for name, a in t._outputs(*problem, axis).items():
+                    results[f"{config} {dtype} {label} {name}"] = np.ascontiguousarray(a)
+    np.savez(sys.argv[1], **results)
+
+    def dispatchers():
+        for value in vars(cpu).values():
+            for item in (value if isinstance(value, tuple) else (value,)):
+                if isinstance(item, Dispatcher):
+                    yield item
+    print(json.dumps({"hits": sum(sum(d._cache_hits.values()) for d in dispatchers()),
+                      "misses": sum(sum(d._cache_misses.values()) for d in dispatchers())}))
+""")
+SUBPROCESS_CASES = [CASES[0], CASES[1], CASES[5], CASES[6]]
+SUBPROCESS_IDS = [IDS[0], IDS[1], IDS[5], IDS[6]]
+
+
+@pytest.mark.slow
+def test_compiling_and_cache_loading_processes_give_the_same_bits(tmp_path):
+    """Issue 13.1: the first process compiles every kernel into an empty NUMBA_CACHE_DIR, the
+    second loads them from it; y, dx, dgamma, dbeta, mean, invstd (and the rest) must have the
+    same bits in both, serial and parallel alike."""
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "numba-cache"), PYTHONUNBUFFERED="1")
+    env.pop("FASTBN_NO_CACHE", None)
+    env.pop("NUMBA_DISABLE_JIT", None)
+    runs = []
+    for run in ("compile", "load"):
+        saved = tmp_path / f"{run}.npz"
+        done = subprocess.run([sys.executable, "-c", _CHILD, str(saved),
+                               str(Path(__file__).parent)], capture_output=True, text=True,
+                              env=env, timeout=1200)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        counts = json.loads(done.stdout.strip().splitlines()[-1])
+        with np.load(saved) as data:
+            runs.append((counts, {name: data[name] for name in data.files}))
+    (compiled_counts, compiled), (loaded_counts, loaded) = runs
+    assert compiled_counts["misses"] > 0 and compiled_counts["hits"] == 0, compiled_counts
+    assert loaded_counts["hits"] > 0, loaded_counts     # the second process did use the cache
+    assert set(loaded) == set(compiled)
+    _assert_same_bits(loaded, compiled, "cache-loading process vs compiling process")
+    serial = {k.replace("serial ", "", 1): v for k, v in compiled.items() if k.startswith("serial")}
+    parallel = {k.replace("parallel ", "", 1): v for k, v in loaded.items()
+                if k.startswith("parallel")}
+    _assert_same_bits(parallel, serial, "cached parallel kernels vs compiled serial kernels")
