@@ -820,6 +820,30 @@ def test_synchronized_network_on_one_rank_matches_the_local_one(rng):
                                                                    False]
 
 
+def test_synchronized_fused_layer_on_one_rank_matches_the_local_one():
+    """With comm, BatchNormActivation runs synchronized BN and then the activation (there is no
+    synchronized fused op); on one rank that is the local fused layer."""
+    MPI = pytest.importorskip("mpi4py.MPI")
+    if MPI.COMM_WORLD.Get_size() != 1:
+        pytest.skip("runs in a single process")
+    results = []
+    for comm in (MPI.COMM_WORLD, None):
+        layer = nn.BatchNormActivation(4, dtype=F64, comm=comm)
+        layer.weight.data[...] = [0.5, 1.0, 1.5, 2.0]
+        layer.bias.data[...] = [0.1, -0.2, 0.3, 0.0]
+        data = np.random.default_rng(6)
+        outputs = []
+        for _ in range(2):
+            x = data.standard_normal((9, 4)) * 2 + 1
+            outputs += [layer.forward(x), layer.backward(data.standard_normal((9, 4)))]
+        results.append((outputs, layer.state_dict(), layer.weight.grad.copy()))
+    for a, b in zip(results[0][0], results[1][0]):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-13)
+    for name, value in results[0][1].items():
+        np.testing.assert_allclose(value, results[1][1][name], rtol=1e-12, err_msg=name)
+    np.testing.assert_allclose(results[0][2], results[1][2], rtol=1e-10)
+
+
 @pytest.mark.mpi
 def test_data_parallel_training_matches_one_process(tmp_path):
     """2 ranks, each with its shard of every batch, train exactly like one process on the
