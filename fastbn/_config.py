@@ -1,17 +1,19 @@
 """Compiler and launch settings, in one place (never hard-coded per kernel)."""
 import os
 
-# NaN and inf must keep their meaning, so no 'nnan'/'ninf'. 'reassoc' lets LLVM vectorize the
-# float64 reductions; each channel is still reduced in one fixed order, so results are
-# deterministic and do not depend on the thread count.
-FASTMATH = frozenset({"nsz", "arcp", "contract", "reassoc"})
+# Fast-math flags of the cpu kernels that reduce: 'reassoc' alone, which LLVM needs to vectorize
+# the float64 sums. Each channel is still reduced in one fixed order of compiled code, so results
+# are deterministic. No other flag: 'contract' (FMA), 'arcp' and 'nsz' change values too, and
+# elementwise-only kernels are strict IEEE, so a loop's vector body, its scalar remainder and
+# the alias-checked fallback LLVM emits for in-place calls give the same bits (issue 13.1).
+CPU_REDUCTION_FASTMATH = frozenset({"reassoc"})
 
-JIT_OPTIONS = dict(cache=os.environ.get("FASTBN_NO_CACHE", "") == "", nogil=True,
-                   fastmath=set(FASTMATH), error_model="numpy", boundscheck=False)
+CPU_JIT_OPTIONS = dict(cache=os.environ.get("FASTBN_NO_CACHE", "") == "", nogil=True,
+                       error_model="numpy", boundscheck=False)
 
-# Tensors with fewer elements than this run the serial kernels: waking the thread pool costs
-# more than the work.
-CPU_PARALLEL_MIN_SIZE = int(os.environ.get("FASTBN_CPU_PARALLEL_MIN_SIZE", 1 << 15))
+# Tensors with fewer elements than this run in the calling thread: handing tasks to the thread
+# pool costs more than the work.
+CPU_PARALLEL_MIN_SIZE = int(os.environ.get("FASTBN_CPU_PARALLEL_MIN_SIZE", 1 << 16))
 
 # The unit of work splitting, in elements: channels-last (inner == 1) row blocks hold about this
 # many values, and channel-major statistics fold their shifted sums into the running mean every
@@ -19,13 +21,18 @@ CPU_PARALLEL_MIN_SIZE = int(os.environ.get("FASTBN_CPU_PARALLEL_MIN_SIZE", 1 << 
 # not depend on the thread count.
 CPU_CHUNK_ELEMENTS = 1 << 14
 
+# Tasks a large tensor is split into where the shape allows (enough for 64 cores): channel
+# segments when there are few channels, column blocks of short runs.
+CPU_TASKS = 64
+
 # Channel-major (inner > 1) tensors with fewer channels than this split each channel into
-# segments (so that C=1 with millions of values still uses every thread).
+# segments (CPU_TASKS in all), so that C=1 with millions of values still uses every thread; with
+# more, a task owns a channel and its second pass reads the channel from cache.
 CPU_MIN_TASKS = 16
 
 # Row blocks per call, at most, when a matrix (channels-last) is split by rows: each keeps a
-# partial sum per column and statistic.
-CPU_MAX_TASKS = 32
+# partial sum per column and statistic, added in order (a serial merge).
+CPU_MAX_TASKS = 64
 
 # Channel runs are read in pieces of this many values, each preceded by a software prefetch of
 # the same piece of the next run (the loads run one run ahead; docs/perf_log.md).

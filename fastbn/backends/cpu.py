@@ -1,21 +1,25 @@
 """Numba CPU kernels on the canonical ``(outer, C, inner)`` view.
 
 Batch norm is memory-bound: the floor is one read of x and one write of y (a copy). The kernels
-are organized so that everything beyond that floor comes from cache:
+are organized so that everything beyond that floor comes from cache. A plan (``_plan``) picks
+one of three ways to split a call, from the shape, the strides and ``_config`` only:
 
-* channel runs (``inner >= CPU_MIN_RUN``, e.g. NCHW): a channel is ``outer`` contiguous runs of
-  ``inner`` values. A task owns a whole channel: it streams the channel once from memory for
-  the statistics and normalizes it (or applies the gradient) from L2 straight after. With fewer
-  channels than ``CPU_MIN_TASKS``, each channel is cut into fixed segments instead, whose
-  statistics are merged in order before anything is written.
-* matrices (``inner == 1``, e.g. NHWC or (N, C); or short runs, e.g. NCHW 7x7): x is viewed as
-  a (rows, columns) matrix, column j belonging to channel ``(j // inner) % C``.
-  - column blocks: when a block of whole channels over all rows fits ``CPU_FUSED_BYTES``, a task
-    owns the block: statistics, then normalization (or gradient) from cache;
-  - row blocks: otherwise a fixed number of row blocks accumulate per-column partial sums, added
-    in block order; then every row block is normalized (a second read of x from memory, or from
-    L3 when x fits). A few channels (C < 64) are viewed several rows to a matrix row, so that
-    the column loops stay long enough to vectorize.
+* ``runs`` (channel-major, ``inner >= CPU_MIN_RUN``, e.g. NCHW): a channel is ``outer``
+  contiguous runs of ``inner`` values. A task owns a whole channel: it streams the channel once
+  from memory for the statistics and normalizes it (or applies the gradient) from L2 straight
+  after. With fewer channels than ``CPU_MIN_TASKS``, each channel is cut into fixed segments
+  instead (``CPU_TASKS`` tasks in all), whose sums are merged in order before anything is
+  written.
+* ``blocks`` (short runs, e.g. NCHW 7x7): x is viewed as a (rows, C * inner) matrix; a task
+  owns a block of whole channels over all rows (it fits ``CPU_FUSED_BYTES``): statistics, then
+  normalization (or gradient) from cache.
+* ``rows`` (channels-last, ``inner == 1``: NHWC, (N, C)): the matrix is split into row blocks
+  that accumulate per-column partial sums, added in block order; then every row block is
+  normalized. A few channels (C < CPU_ROW_ELEMENTS) are viewed several rows to a matrix row,
+  so that the column loops stay long enough to vectorize.
+
+``_KERNELS`` maps (operation, plan) to the function that runs it; every operation of the
+contract is one host prologue (per-channel vectors as float64, the plan) and one table lookup.
 
 Statistics are shifted sums in float64, ``S1 = sum(x - K)``, ``S2 = sum((x - K)^2)``, with K a
 mean of data of the same channel seen first (a run, or the first rows), so the ``S2 - S1^2/n``
@@ -25,8 +29,16 @@ remainder folded into the shift, so ``x - mean`` loses nothing where it cancels.
 is computed in float64. float16 travels as its uint16 bits, converted in registers
 (``vcvtph2ps``/``vcvtps2ph``): Numba's CPU target has no float16 type.
 
-Every split (segments, blocks, pieces) depends on the shape and ``_config`` only, never on the
-thread count, so results are bitwise the same for any number of threads.
+Bitwise determinism. Every split depends on the shape and ``_config`` only, never on the thread
+count. Tasks run on a pool of Python threads, each calling the same compiled kernel (nogil) on a
+range of tasks, so one compiled function serves serial and parallel calls, and the code that
+runs after a compile is the code the cache stores: Numba's ``parallel=True`` compiles each
+prange body twice (once on its own, which the compiling process runs, and once re-optimized
+inside the caller's module, which the cache stores and a later process loads), and with
+value-changing fast-math flags the two copies round differently (issue 13.1). For the same
+reason only the reduction loops carry a fast-math flag (``reassoc``, which they need to
+vectorize); the elementwise passes are strict IEEE, so their vector body, scalar remainder and
+the alias-checked fallback LLVM keeps for in-place calls compute the same bits.
 
 Kernel versions (measurements in docs/perf_log.md):
   v1  per channel two-pass + normalize; channels-last chunked two-pass + Chan merge; float16
@@ -37,52 +49,44 @@ Kernel versions (measurements in docs/perf_log.md):
   v3  float32 elementwise passes for float16/float32; the matrix regime with fused column
       blocks, rows grouped for small C and short channel runs; piece loops without divisions;
       cheaper host helpers for small calls.
+  v4  software prefetch one run ahead; short form y = x * s + b for matrices.
+  v6  whole operations (the backend contract): fused activation and residual, running
+      statistics, backward_reduce/backward_apply kernels; one compiled task kernel per
+      (operation, plan) run on a thread pool instead of prange (bitwise the same compiled or
+      cached, serial or parallel, in place or not); only reductions reassociate; splits sized
+      for 64 cores; saturated scale for a constant channel with a tiny eps.
 """
+import concurrent.futures
+import math
 import threading
-import types as pytypes
 
+import numba
 import numpy as np
 from llvmlite import ir
-from numba import njit, prange, types
+from numba import njit, types
 from numba.core import cgutils
 from numba.core.extending import intrinsic, overload
 from numpy.lib.stride_tricks import as_strided
 
 from .. import _config
-from . import _host
+from .. import _layout
+from . import reference
 from ._host import *  # noqa: F401,F403  (the shared host-array helpers)
 
 name = "cpu"
 
-# Numba's workqueue threading layer is not re-entrant; OpenMP and TBB are. Parallel launches
-# take this lock so concurrent calls from Python threads are safe under any layer.
-_parallel_launch = threading.Lock()
 
-
-def _kernel(fn):
-    """Compile fn twice: serial for small tensors, parallel for large ones.
-
-    The parallel variant jits a twin of fn with its own qualified name: Numba's cache keys its
-    entries by qualified name, line and signature, not by the parallel flag, so one function
-    jitted both ways would load whichever variant was compiled first for both (and the
-    "parallel" kernel could silently run on one thread)."""
-    twin = pytypes.FunctionType(fn.__code__, fn.__globals__, fn.__name__, fn.__defaults__,
-                                fn.__closure__)
-    twin.__qualname__ = fn.__qualname__ + "_parallel"
-    return (njit(**_config.JIT_OPTIONS)(fn),
-            njit(parallel=True, **_config.JIT_OPTIONS)(twin))
+def _jit(reduces):
+    """njit with the config's options: kernels that reduce may reassociate their sums (to
+    vectorize them); purely elementwise ones are strict IEEE."""
+    fastmath = set(_config.CPU_REDUCTION_FASTMATH) if reduces else False
+    return njit(**dict(_config.CPU_JIT_OPTIONS, fastmath=fastmath))
 
 
 def _helper(fn):
-    return njit(inline="always", **_config.JIT_OPTIONS)(fn)
-
-
-def _launch(pair, size, *args):
-    serial, parallel = pair
-    if size < _config.CPU_PARALLEL_MIN_SIZE:
-        return serial(*args)
-    with _parallel_launch:
-        return parallel(*args)
+    # inlined into the Numba IR of each caller: it takes the caller's flags, and no separately
+    # compiled symbol exists that a cache-loading process could resolve differently
+    return njit(inline="always", **dict(_config.CPU_JIT_OPTIONS, fastmath=False))(fn)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -121,6 +125,15 @@ def _compute_empty(n, like):
 
 def _compute_value(value, like):
     """A float64 value in like's elementwise-arithmetic type."""
+
+
+def _compute_scale(value, like):
+    """A float64 scale in like's arithmetic type, saturated at that type's largest finite value.
+
+    A constant channel with a tiny eps (1e-80) has invstd = 1e40, finite in float64 but not in
+    float32; (x - mean) is exactly 0 there, and 0 * FLT_MAX = 0 keeps y = beta (0 without beta),
+    as in the float64 reference, where 0 * inf would give NaN. Elsewhere the saturation changes
+    nothing: a float32 result of a scale beyond FLT_MAX overflows either way."""
 
 
 def _is_half_or_single(dtype):
@@ -162,6 +175,134 @@ def _compute_value_overload(value, like):
     return lambda value, like: value
 
 
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+@overload(_compute_scale, inline="always")
+def _compute_scale_overload(value, like):
+    if _is_half_or_single(like.dtype):
+        def impl(value, like):
+            if value > _FLOAT32_MAX:
+                return np.float32(_FLOAT32_MAX)
+            if value < -_FLOAT32_MAX:
+                return np.float32(-_FLOAT32_MAX)
+            return np.float32(value)
+        return impl
+    return lambda value, like: value
+
+
+# ---- activation and residual: compile-time options ----
+#
+# The activation reaches a kernel as a type tag (None, or a scalar whose type names it), so each
+# activation compiles its own loops and the plain operation pays nothing; residual3, y3 (for the
+# activation's derivative) and dresidual3 are None or arrays, and None removes their code.
+
+_RELU = np.int8(1)
+_SIGMOID = np.int16(2)
+_ACTIVATION_TAGS = {None: None, "relu": _RELU, "sigmoid": _SIGMOID}
+
+
+def _activate(z, act):
+    """act(z)."""
+
+
+def _grad_through(g, y, k, act):
+    """dL/dz = g * act'(z), the derivative recovered from the output y[k]."""
+
+
+def _plus(z, res, k):
+    """z + res[k], or z when res is None."""
+
+
+def _run_of(a, o, c, i0, i1):
+    """a[o, c, i0:i1], or None when a is None."""
+
+
+def _row_of(a, r, j0, j1):
+    """a[r, j0:j1], or None when a is None."""
+
+
+def _store(out, k, value):
+    """out[k] = value (narrowed), or nothing when out is None."""
+
+
+def _zero_of(numba_type):
+    return np.float32(0.0) if numba_type == types.float32 else np.float64(0.0)
+
+
+@overload(_activate, inline="always")
+def _activate_overload(z, act):
+    zero = _zero_of(z)
+    one = zero + 1
+    if act == types.int8:          # relu (NaN stays NaN)
+        return lambda z, act: np.maximum(z, zero)
+    if act == types.int16:         # sigmoid
+        return lambda z, act: one / (one + np.exp(-z))
+    return lambda z, act: z
+
+
+@overload(_grad_through, inline="always")
+def _grad_through_overload(g, y, k, act):
+    zero = _zero_of(g)
+    one = zero + 1
+    if act == types.int8:
+        if g == types.float64:
+            def relu_grad64(g, y, k, act):
+                if _widen(y[k]) > zero:
+                    return g
+                return zero
+            return relu_grad64
+
+        def relu_grad(g, y, k, act):
+            if _load(y[k]) > zero:
+                return g
+            return zero
+        return relu_grad
+    if act == types.int16:
+        if g == types.float64:
+            def sigmoid_grad64(g, y, k, act):
+                v = _widen(y[k])
+                return g * v * (one - v)
+            return sigmoid_grad64
+
+        def sigmoid_grad(g, y, k, act):
+            v = _load(y[k])
+            return g * v * (one - v)
+        return sigmoid_grad
+    return lambda g, y, k, act: g
+
+
+@overload(_plus, inline="always")
+def _plus_overload(z, res, k):
+    if res is None or isinstance(res, types.NoneType):
+        return lambda z, res, k: z
+    return lambda z, res, k: z + _load(res[k])
+
+
+@overload(_run_of, inline="always")
+def _run_of_overload(a, o, c, i0, i1):
+    if a is None or isinstance(a, types.NoneType):
+        return lambda a, o, c, i0, i1: None
+    return lambda a, o, c, i0, i1: a[o, c, i0:i1]
+
+
+@overload(_row_of, inline="always")
+def _row_of_overload(a, r, j0, j1):
+    if a is None or isinstance(a, types.NoneType):
+        return lambda a, r, j0, j1: None
+    return lambda a, r, j0, j1: a[r, j0:j1]
+
+
+@overload(_store, inline="always")
+def _store_overload(out, k, value):
+    if out is None or isinstance(out, types.NoneType):
+        return lambda out, k, value: None
+
+    def impl(out, k, value):
+        out[k] = _narrow(value, out)
+    return impl
+
+
 @intrinsic
 def _prefetch(typingctx, array, index):
     """Ask the CPU to start loading the cache line of array[index] into L2 (a hint: it never
@@ -179,22 +320,25 @@ def _prefetch(typingctx, array, index):
 
 
 def _bits(a):
-    return a.view(np.uint16) if a.dtype == np.float16 else a
+    """Kernels see float16 arrays as their uint16 bits; None stays None."""
+    return a.view(np.uint16) if a is not None and a.dtype == np.float16 else a
 
 
 # ----------------------------------------------------------------------------------------------
 # per-channel coefficients of the elementwise passes, in the arithmetic type of the data
 
+@_helper
 def _normalize_coefficients(mean, scale, shift, like):
     """(m, s, b) with y = (x - m) * s + b: m is the mean rounded to the arithmetic type and the
     rounding is folded into b, so x - m is exact where x and the mean cancel."""
     m = _compute_value(mean, like)
     rest = mean - np.float64(m)
-    return m, _compute_value(scale, like), _compute_value(shift - rest * scale, like)
+    return m, _compute_scale(scale, like), _compute_value(shift - rest * scale, like)
 
 
+@_helper
 def _backward_coefficients(count, s_dy, s_dy_xc, s_xc, mean, invstd, weight, training):
-    """(mu, a, mean_dy, b, dgamma) of dx = a * (dy - mean_dy - (x - mu) * b)."""
+    """(mu, a, mean_dy, b, dgamma) of dx = a * (dz - mean_dy - (x - mu) * b)."""
     mu = mean
     if training:
         # re-centre on the exact batch mean (the saved mean may be rounded to float32)
@@ -207,22 +351,19 @@ def _backward_coefficients(count, s_dy, s_dy_xc, s_xc, mean, invstd, weight, tra
     return mu, a, 0.0, 0.0, s_dy_xc * invstd
 
 
+@_helper
 def _apply_coefficients(mu, a, mean_dy, b, like):
-    """(m, a, g, b) with dx = a * ((dy - g) - (x - m) * b) in the arithmetic type."""
+    """(m, a, g, b) with dx = a * ((dz - g) - (x - m) * b) in the arithmetic type."""
     m = _compute_value(mu, like)
     rest = mu - np.float64(m)
-    return (m, _compute_value(a, like), _compute_value(mean_dy - rest * b, like),
+    return (m, _compute_scale(a, like), _compute_value(mean_dy - rest * b, like),
             _compute_value(b, like))
-
-
-_normalize_coefficients_jit = _helper(_normalize_coefficients)
-_backward_coefficients_jit = _helper(_backward_coefficients)
-_apply_coefficients_jit = _helper(_apply_coefficients)
 
 
 # ----------------------------------------------------------------------------------------------
 # 1-D runs (0-based loops over slices: LLVM vectorizes them)
 
+@_helper
 def _run_sum(run):
     total = 0.0
     for k in range(run.shape[0]):
@@ -230,6 +371,7 @@ def _run_sum(run):
     return total
 
 
+@_helper
 def _run_shifted_sums(run, shift):
     s1 = 0.0
     s2 = 0.0
@@ -240,17 +382,19 @@ def _run_shifted_sums(run, shift):
     return s1, s2
 
 
-def _run_normalize(run, m, s, b, out):
+@_helper
+def _run_normalize(run, m, s, b, res, act, out):
     for k in range(run.shape[0]):
-        out[k] = _narrow((_load(run[k]) - m) * s + b, out)
+        out[k] = _narrow(_activate(_plus((_load(run[k]) - m) * s + b, res, k), act), out)
 
 
-def _run_backward_sums(run_dy, run_x, mean):
+@_helper
+def _run_backward_sums(run_dy, run_x, run_y, act, mean):
     s_dy = 0.0
     s_dy_xc = 0.0
     s_xc = 0.0
     for k in range(run_x.shape[0]):
-        g = _widen(run_dy[k])
+        g = _grad_through(_widen(run_dy[k]), run_y, k, act)
         xc = _widen(run_x[k]) - mean
         s_dy += g
         s_dy_xc += g * xc
@@ -258,26 +402,24 @@ def _run_backward_sums(run_dy, run_x, mean):
     return s_dy, s_dy_xc, s_xc
 
 
-def _run_backward_apply(run_dy, run_x, m, a, g, b, out):
+@_helper
+def _run_backward_apply(run_dy, run_x, run_y, act, m, a, g, b, out, dres):
     for k in range(run_x.shape[0]):
-        out[k] = _narrow(a * ((_load(run_dy[k]) - g) - (_load(run_x[k]) - m) * b), out)
-
-
-_run_sum_jit = _helper(_run_sum)
-_run_shifted_sums_jit = _helper(_run_shifted_sums)
-_run_normalize_jit = _helper(_run_normalize)
-_run_backward_sums_jit = _helper(_run_backward_sums)
-_run_backward_apply_jit = _helper(_run_backward_apply)
+        dz = _grad_through(_load(run_dy[k]), run_y, k, act)
+        value = a * ((dz - g) - (_load(run_x[k]) - m) * b)
+        _store(dres, k, dz)
+        out[k] = _narrow(value, out)
 
 
 # ----------------------------------------------------------------------------------------------
-# channel runs (inner >= CPU_MIN_RUN): a channel's values lo..hi, flat index o * inner + i
+# channel runs: a channel's values lo..hi, flat index o * inner + i
 #
 # A channel is `outer` runs far apart in memory; at the start of each run the hardware
 # prefetcher has to find the stream again. So the reading passes process a run in pieces of
 # CPU_PIECE values and, before each piece, prefetch the same piece of the next run (or of the
 # next channel's first run): the loads are one run ahead, as in a contiguous stream.
 
+@_helper
 def _prefetch_next_run(x, c, o, i0, i1):
     outer, channels, inner = x.shape
     if o + 1 < outer:
@@ -291,8 +433,7 @@ def _prefetch_next_run(x, c, o, i0, i1):
         _prefetch(ahead, k)
 
 
-_prefetch_next_run_jit = _helper(_prefetch_next_run)
-
+@_helper
 def _channel_range_moments(x, c, lo, hi, block, piece):
     """(count, mean, M2) of channel c's values lo..hi.
 
@@ -311,11 +452,11 @@ def _channel_range_moments(x, c, lo, hi, block, piece):
     pos = lo
     while pos < hi:
         take = min(inner - i, hi - pos, block - pending, piece)
-        _prefetch_next_run_jit(x, c, o, i, i + take)
+        _prefetch_next_run(x, c, o, i, i + take)
         run = x[o, c, i:i + take]
         if count == 0.0 and pending == 0:
-            mean = _run_sum_jit(run) / take
-        a, b = _run_shifted_sums_jit(run, mean)
+            mean = _run_sum(run) / take
+        a, b = _run_shifted_sums(run, mean)
         s1 += a
         s2 += b
         pending += take
@@ -334,20 +475,23 @@ def _channel_range_moments(x, c, lo, hi, block, piece):
     return count, mean, m2
 
 
-def _channel_range_normalize(x, c, lo, hi, m, s, b, y):
+@_helper
+def _channel_range_normalize(x, c, lo, hi, m, s, b, res, act, y):
     inner = x.shape[2]
     o = lo // inner
     i = lo - o * inner
     pos = lo
     while pos < hi:
         take = min(inner - i, hi - pos)
-        _run_normalize_jit(x[o, c, i:i + take], m, s, b, y[o, c, i:i + take])
+        _run_normalize(x[o, c, i:i + take], m, s, b, _run_of(res, o, c, i, i + take), act,
+                       y[o, c, i:i + take])
         pos += take
         i = 0
         o += 1
 
 
-def _channel_range_backward_sums(dy, x, c, lo, hi, mean, piece):
+@_helper
+def _channel_range_backward_sums(dy, x, y, act, c, lo, hi, mean, piece):
     inner = x.shape[2]
     o = lo // inner
     i = lo - o * inner
@@ -357,9 +501,10 @@ def _channel_range_backward_sums(dy, x, c, lo, hi, mean, piece):
     pos = lo
     while pos < hi:
         take = min(inner - i, hi - pos, piece)
-        _prefetch_next_run_jit(dy, c, o, i, i + take)
-        _prefetch_next_run_jit(x, c, o, i, i + take)
-        a, b, d = _run_backward_sums_jit(dy[o, c, i:i + take], x[o, c, i:i + take], mean)
+        _prefetch_next_run(dy, c, o, i, i + take)
+        _prefetch_next_run(x, c, o, i, i + take)
+        a, b, d = _run_backward_sums(dy[o, c, i:i + take], x[o, c, i:i + take],
+                                     _run_of(y, o, c, i, i + take), act, mean)
         s_dy += a
         s_dy_xc += b
         s_xc += d
@@ -371,139 +516,103 @@ def _channel_range_backward_sums(dy, x, c, lo, hi, mean, piece):
     return s_dy, s_dy_xc, s_xc
 
 
-def _channel_range_backward_apply(dy, x, c, lo, hi, m, a, g, b, dx):
+@_helper
+def _channel_range_backward_apply(dy, x, y, act, c, lo, hi, m, a, g, b, dx, dres):
     inner = x.shape[2]
     o = lo // inner
     i = lo - o * inner
     pos = lo
     while pos < hi:
         take = min(inner - i, hi - pos)
-        _run_backward_apply_jit(dy[o, c, i:i + take], x[o, c, i:i + take], m, a, g, b,
-                                dx[o, c, i:i + take])
+        _run_backward_apply(dy[o, c, i:i + take], x[o, c, i:i + take],
+                            _run_of(y, o, c, i, i + take), act, m, a, g, b,
+                            dx[o, c, i:i + take], _run_of(dres, o, c, i, i + take))
         pos += take
         i = 0
         o += 1
 
 
-_channel_range_moments_jit = _helper(_channel_range_moments)
-_channel_range_normalize_jit = _helper(_channel_range_normalize)
-_channel_range_backward_sums_jit = _helper(_channel_range_backward_sums)
-_channel_range_backward_apply_jit = _helper(_channel_range_backward_apply)
+@_helper
+def _segment(length, segments, s):
+    return s * length // segments, (s + 1) * length // segments
 
 
-def _moments_channel_major_impl(x, segments, block, piece, mean, m2):
-    """Per channel (mean, M2); each channel in ``segments`` equal pieces merged in order."""
-    channels = x.shape[1]
+# ---- runs: task kernels (each runs tasks t0..t1; a task is a channel, or a channel segment)
+
+@_jit(reduces=True)
+def _runs_moments(x, segments, block, piece, part, t0, t1):
+    """part[:, task] = (count, mean, M2) of segment task % segments of channel task // segments."""
     length = x.shape[0] * x.shape[2]
-    part = np.empty((3, channels * segments))
-    for task in prange(channels * segments):
+    for task in range(t0, t1):
         c = task // segments
-        s = task - c * segments
-        count, mu, m = _channel_range_moments_jit(x, c, s * length // segments,
-                                                  (s + 1) * length // segments, block, piece)
-        part[0, task] = count
-        part[1, task] = mu
-        part[2, task] = m
-    for c in range(channels):
-        first = c * segments
-        n_a, mean_a, m2_a = part[0, first], part[1, first], part[2, first]
-        for task in range(first + 1, first + segments):
-            n_b = part[0, task]
-            delta = part[1, task] - mean_a
-            n_ab = n_a + n_b
-            mean_a += delta * (n_b / n_ab)
-            m2_a += part[2, task] + delta * delta * (n_a * n_b / n_ab)
-            n_a = n_ab
-        mean[c] = mean_a
-        m2[c] = m2_a
+        lo, hi = _segment(length, segments, task - c * segments)
+        part[0, task], part[1, task], part[2, task] = _channel_range_moments(x, c, lo, hi,
+                                                                             block, piece)
 
 
-def _forward_train_channel_major_impl(x, weight, bias, eps, block, piece, y, mean, var):
-    """Statistics and normalization fused per channel: the second pass reads from cache."""
-    channels = x.shape[1]
+@_jit(reduces=True)
+def _runs_forward_train(x, weight, bias, eps, res, act, block, piece, y, stats, t0, t1):
+    """One task per channel: statistics, then the normalization from cache."""
     length = x.shape[0] * x.shape[2]
-    for c in prange(channels):
-        count, mu, m2 = _channel_range_moments_jit(x, c, 0, length, block, piece)
-        v = m2 / count
-        mean[c] = mu
-        var[c] = v
-        m, s, b = _normalize_coefficients_jit(mu, weight[c] / np.sqrt(v + eps), bias[c], x)
-        _channel_range_normalize_jit(x, c, 0, length, m, s, b, y)
+    for c in range(t0, t1):
+        count, mu, m2 = _channel_range_moments(x, c, 0, length, block, piece)
+        var = m2 / count
+        stats[0, c] = mu
+        stats[1, c] = var
+        invstd = 1.0 / np.sqrt(var + eps)
+        m, s, b = _normalize_coefficients(mu, weight[c] * invstd, bias[c], x)
+        _channel_range_normalize(x, c, 0, length, m, s, b, res, act, y)
 
 
-def _normalize_channel_major_impl(x, mean, scale, shift, run, y):
-    """y = (x - mean) * scale + shift in tasks of about ``run`` consecutive values of x."""
-    outer, channels, inner = x.shape
-    total = outer * channels * inner
-    tasks = (total + run - 1) // run
-    for task in prange(tasks):
-        lo = task * total // tasks
-        hi = (task + 1) * total // tasks
-        oc = lo // inner
-        i = lo - oc * inner
-        o = oc // channels
-        c = oc - o * channels
-        pos = lo
-        while pos < hi:
-            take = min(inner - i, hi - pos)
-            m, s, b = _normalize_coefficients_jit(mean[c], scale[c], shift[c], x)
-            _run_normalize_jit(x[o, c, i:i + take], m, s, b, y[o, c, i:i + take])
-            pos += take
-            i = 0
-            c += 1
-            if c == channels:
-                c = 0
-                o += 1
-
-
-def _backward_channel_major_impl(dy, x, mean, invstd, weight, training, segments, piece, dx,
-                                 sum_dy, sum_dy_xhat):
-    """Per channel: sums, then dx. With one segment per channel the second pass reads the
-    channel from cache; with more, all sums are merged (in order) before any dx is written."""
-    channels = x.shape[1]
+@_jit(reduces=False)
+def _runs_normalize(x, coefficients, segments, res, act, y, t0, t1):
+    """y = act((x - mean) * scale + shift + res), coefficients[0..2, c] = (mean, scale, shift)."""
     length = x.shape[0] * x.shape[2]
-    count = float(length)
-    if segments == 1:
-        for c in prange(channels):
-            s_dy, s_dy_xc, s_xc = _channel_range_backward_sums_jit(dy, x, c, 0, length, mean[c],
-                                                                   piece)
-            mu, a, mean_dy, b, dgamma = _backward_coefficients_jit(
-                count, s_dy, s_dy_xc, s_xc, mean[c], invstd[c], weight[c], training)
-            sum_dy[c] = s_dy
-            sum_dy_xhat[c] = dgamma
-            m, a_, g, b_ = _apply_coefficients_jit(mu, a, mean_dy, b, x)
-            _channel_range_backward_apply_jit(dy, x, c, 0, length, m, a_, g, b_, dx)
-        return
-    part = np.empty((3, channels * segments))
-    for task in prange(channels * segments):
+    for task in range(t0, t1):
         c = task // segments
-        s = task - c * segments
-        part[0, task], part[1, task], part[2, task] = _channel_range_backward_sums_jit(
-            dy, x, c, s * length // segments, (s + 1) * length // segments, mean[c], piece)
-    coefficients = np.empty((4, channels))
-    for c in range(channels):
-        s_dy = 0.0
-        s_dy_xc = 0.0
-        s_xc = 0.0
-        for task in range(c * segments, (c + 1) * segments):
-            s_dy += part[0, task]
-            s_dy_xc += part[1, task]
-            s_xc += part[2, task]
-        mu, a, mean_dy, b, dgamma = _backward_coefficients_jit(
-            count, s_dy, s_dy_xc, s_xc, mean[c], invstd[c], weight[c], training)
-        sum_dy[c] = s_dy
-        sum_dy_xhat[c] = dgamma
-        coefficients[0, c] = mu
-        coefficients[1, c] = a
-        coefficients[2, c] = mean_dy
-        coefficients[3, c] = b
-    for task in prange(channels * segments):
+        lo, hi = _segment(length, segments, task - c * segments)
+        m, s, b = _normalize_coefficients(coefficients[0, c], coefficients[1, c],
+                                          coefficients[2, c], x)
+        _channel_range_normalize(x, c, lo, hi, m, s, b, res, act, y)
+
+
+@_jit(reduces=True)
+def _runs_backward_sums(dy, x, y, act, mean, segments, piece, part, t0, t1):
+    """part[:, task] = the three backward sums of one channel segment."""
+    length = x.shape[0] * x.shape[2]
+    for task in range(t0, t1):
         c = task // segments
-        s = task - c * segments
-        m, a_, g, b_ = _apply_coefficients_jit(coefficients[0, c], coefficients[1, c],
-                                               coefficients[2, c], coefficients[3, c], x)
-        _channel_range_backward_apply_jit(dy, x, c, s * length // segments,
-                                          (s + 1) * length // segments, m, a_, g, b_, dx)
+        lo, hi = _segment(length, segments, task - c * segments)
+        part[0, task], part[1, task], part[2, task] = _channel_range_backward_sums(
+            dy, x, y, act, c, lo, hi, mean[c], piece)
+
+
+@_jit(reduces=True)
+def _runs_backward(dy, x, y, act, mean, invstd, weight, training, piece, dx, dres, sums,
+                   t0, t1):
+    """One task per channel: sums, then dx from cache; sums[0, c] = dbeta, sums[1, c] = dgamma."""
+    length = x.shape[0] * x.shape[2]
+    for c in range(t0, t1):
+        s_dy, s_dy_xc, s_xc = _channel_range_backward_sums(dy, x, y, act, c, 0, length,
+                                                           mean[c], piece)
+        mu, a, mean_dy, b, dgamma = _backward_coefficients(
+            float(length), s_dy, s_dy_xc, s_xc, mean[c], invstd[c], weight[c], training)
+        sums[0, c] = s_dy
+        sums[1, c] = dgamma
+        m, a_, g, b_ = _apply_coefficients(mu, a, mean_dy, b, x)
+        _channel_range_backward_apply(dy, x, y, act, c, 0, length, m, a_, g, b_, dx, dres)
+
+
+@_jit(reduces=False)
+def _runs_backward_apply(dy, x, y, act, coefficients, segments, dx, dres, t0, t1):
+    """dx = a * ((dz - g) - (x - mu) * b), coefficients[0..3, c] = (mu, a, g, b) in float64."""
+    length = x.shape[0] * x.shape[2]
+    for task in range(t0, t1):
+        c = task // segments
+        lo, hi = _segment(length, segments, task - c * segments)
+        m, a, g, b = _apply_coefficients(coefficients[0, c], coefficients[1, c],
+                                         coefficients[2, c], coefficients[3, c], x)
+        _channel_range_backward_apply(dy, x, y, act, c, lo, hi, m, a, g, b, dx, dres)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -511,6 +620,7 @@ def _backward_channel_major_impl(dy, x, mean, invstd, weight, training, segments
 # rows of the canonical view, and channel c owns ``inner`` consecutive columns in each group.
 # A task's per-column arrays cover channels c0..c1 in column order (group, channel, i).
 
+@_helper
 def _fold(columns, c0, c1, inner, groups, out):
     """out[c] += the sum of channel c's columns, for c in c0..c1."""
     span = c1 - c0
@@ -530,6 +640,7 @@ def _fold(columns, c0, c1, inner, groups, out):
                 out[c0 + c] += total
 
 
+@_helper
 def _spread(values, c0, c1, inner, groups, columns):
     """columns[j] = values[c] for every column j of channel c, for c in c0..c1."""
     span = c1 - c0
@@ -548,10 +659,7 @@ def _spread(values, c0, c1, inner, groups, columns):
                     run[i] = value
 
 
-_fold_jit = _helper(_fold)
-_spread_jit = _helper(_spread)
-
-
+@_helper
 def _shifts(x, shift_rows, j0, c0, c1, inner, groups):
     """The shift K of channels c0..c1: their mean over the first shift_rows rows; returned per
     channel (an array of length c1) and per column."""
@@ -562,26 +670,28 @@ def _shifts(x, shift_rows, j0, c0, c1, inner, groups):
         for j in range(width):
             acc[j] += _widen(xr[j])
     k = np.zeros(c1)
-    _fold_jit(acc, c0, c1, inner, groups, k)
+    _fold(acc, c0, c1, inner, groups, k)
     count = float(shift_rows) * inner * groups
     for c in range(c0, c1):
         k[c] /= count
     columns = np.empty(width)
-    _spread_jit(k, c0, c1, inner, groups, columns)
+    _spread(k, c0, c1, inner, groups, columns)
     return k, columns
 
 
+@_helper
 def _finish_moments(s1, s2, k, c0, c1, inner, groups, count, mean, m2):
     """mean = K + S1/n, M2 = S2 - S1^2/n from per-column shifted sums."""
     t1 = np.zeros(c1)
     t2 = np.zeros(c1)
-    _fold_jit(s1, c0, c1, inner, groups, t1)
-    _fold_jit(s2, c0, c1, inner, groups, t2)
+    _fold(s1, c0, c1, inner, groups, t1)
+    _fold(s2, c0, c1, inner, groups, t2)
     for c in range(c0, c1):
         mean[c] = k[c] + t1[c] / count
         m2[c] = t2[c] - t1[c] * t1[c] / count
 
 
+@_helper
 def _prefetch_rows(x, r, count, j0, j1):
     """Prefetch columns j0..j1 of rows r..r+count (those that exist)."""
     step = max(1, 64 // x.itemsize)
@@ -591,9 +701,7 @@ def _prefetch_rows(x, r, count, j0, j1):
             _prefetch(row, k)
 
 
-_prefetch_rows_jit = _helper(_prefetch_rows)
-
-
+@_helper
 def _rows_shifted_sums(x, r0, r1, j0, shift, s1, s2, piece):
     """s1[j] += sum(x[r, j0 + j] - shift[j]), s2[j] += sum((x[r, j0 + j] - shift[j])^2) over
     rows r0..r1; four rows at a time, so the accumulators are loaded and stored once per four
@@ -608,7 +716,7 @@ def _rows_shifted_sums(x, r0, r1, j0, shift, s1, s2, piece):
         for p0 in range(0, width, step):
             p1 = min(p0 + step, width)
             if piece > 0:
-                _prefetch_rows_jit(x, r0 + r + 4, 4, j0 + p0, j0 + p1)
+                _prefetch_rows(x, r0 + r + 4, 4, j0 + p0, j0 + p1)
             x0 = x[r0 + r, j0 + p0:j0 + p1]
             x1 = x[r0 + r + 1, j0 + p0:j0 + p1]
             x2 = x[r0 + r + 2, j0 + p0:j0 + p1]
@@ -631,21 +739,25 @@ def _rows_shifted_sums(x, r0, r1, j0, shift, s1, s2, piece):
             s2[j] += d * d
 
 
-def _rows_normalize(x, r0, r1, j0, m, s, b, short, y):
+@_helper
+def _rows_normalize(x, r0, r1, j0, m, s, b, short, res, act, y):
     width = m.shape[0]
-    for r in range(r1 - r0):
-        xr = x[r0 + r, j0:j0 + width]
-        yr = y[r0 + r, j0:j0 + width]
+    for r in range(r0, r1):
+        xr = x[r, j0:j0 + width]
+        yr = y[r, j0:j0 + width]
+        rr = _row_of(res, r, j0, j0 + width)
         if short:
             for j in range(width):
-                yr[j] = _narrow(_load(xr[j]) * s[j] + b[j], yr)
+                yr[j] = _narrow(_activate(_plus(_load(xr[j]) * s[j] + b[j], rr, j), act), yr)
         else:
             for j in range(width):
-                yr[j] = _narrow((_load(xr[j]) - m[j]) * s[j] + b[j], yr)
+                yr[j] = _narrow(_activate(_plus((_load(xr[j]) - m[j]) * s[j] + b[j], rr, j),
+                                          act), yr)
 
 
-def _rows_backward_sums(dy, x, r0, r1, j0, mean, s_dy, s_dy_xc, s_xc, piece):
-    """Per column sums of dy, dy * (x - mean), x - mean over rows r0..r1; two rows at a time
+@_helper
+def _rows_backward_sums(dy, x, y, act, r0, r1, j0, mean, s_dy, s_dy_xc, s_xc, piece):
+    """Per column sums of dz, dz * (x - mean), x - mean over rows r0..r1; two rows at a time
     (pieces and prefetch as in _rows_shifted_sums)."""
     width = mean.shape[0]
     j1 = j0 + width
@@ -656,10 +768,12 @@ def _rows_backward_sums(dy, x, r0, r1, j0, mean, s_dy, s_dy_xc, s_xc, piece):
         for p0 in range(0, width, step):
             p1 = min(p0 + step, width)
             if piece > 0:
-                _prefetch_rows_jit(dy, r0 + r + 2, 2, j0 + p0, j0 + p1)
-                _prefetch_rows_jit(x, r0 + r + 2, 2, j0 + p0, j0 + p1)
+                _prefetch_rows(dy, r0 + r + 2, 2, j0 + p0, j0 + p1)
+                _prefetch_rows(x, r0 + r + 2, 2, j0 + p0, j0 + p1)
             g0 = dy[r0 + r, j0 + p0:j0 + p1]
             g1 = dy[r0 + r + 1, j0 + p0:j0 + p1]
+            y0 = _row_of(y, r0 + r, j0 + p0, j0 + p1)
+            y1 = _row_of(y, r0 + r + 1, j0 + p0, j0 + p1)
             x0 = x[r0 + r, j0 + p0:j0 + p1]
             x1 = x[r0 + r + 1, j0 + p0:j0 + p1]
             mu = mean[p0:p1]
@@ -667,8 +781,8 @@ def _rows_backward_sums(dy, x, r0, r1, j0, mean, s_dy, s_dy_xc, s_xc, piece):
             t_dy_xc = s_dy_xc[p0:p1]
             t_xc = s_xc[p0:p1]
             for j in range(p1 - p0):
-                a0 = _widen(g0[j])
-                a1 = _widen(g1[j])
+                a0 = _grad_through(_widen(g0[j]), y0, j, act)
+                a1 = _grad_through(_widen(g1[j]), y1, j, act)
                 c0 = _widen(x0[j]) - mu[j]
                 c1 = _widen(x1[j]) - mu[j]
                 t_dy[j] += a0 + a1
@@ -676,30 +790,38 @@ def _rows_backward_sums(dy, x, r0, r1, j0, mean, s_dy, s_dy_xc, s_xc, piece):
                 t_xc[j] += c0 + c1
     for r in range(n2, n):
         gr = dy[r0 + r, j0:j1]
+        yr = _row_of(y, r0 + r, j0, j1)
         xr = x[r0 + r, j0:j1]
         for j in range(width):
-            a0 = _widen(gr[j])
+            a0 = _grad_through(_widen(gr[j]), yr, j, act)
             c0 = _widen(xr[j]) - mean[j]
             s_dy[j] += a0
             s_dy_xc[j] += a0 * c0
             s_xc[j] += c0
 
 
-def _rows_backward_apply(dy, x, r0, r1, j0, m, a, g, b, dx):
+@_helper
+def _rows_backward_apply(dy, x, y, act, r0, r1, j0, m, a, g, b, dx, dres):
     width = m.shape[0]
-    for r in range(r1 - r0):
-        gr = dy[r0 + r, j0:j0 + width]
-        xr = x[r0 + r, j0:j0 + width]
-        out = dx[r0 + r, j0:j0 + width]
+    for r in range(r0, r1):
+        gr = dy[r, j0:j0 + width]
+        xr = x[r, j0:j0 + width]
+        yr = _row_of(y, r, j0, j0 + width)
+        out = dx[r, j0:j0 + width]
+        rr = _row_of(dres, r, j0, j0 + width)
         for j in range(width):
-            out[j] = _narrow(a[j] * ((_load(gr[j]) - g[j]) - (_load(xr[j]) - m[j]) * b[j]), out)
+            dz = _grad_through(_load(gr[j]), yr, j, act)
+            value = a[j] * ((dz - g[j]) - (_load(xr[j]) - m[j]) * b[j])
+            _store(rr, j, dz)
+            out[j] = _narrow(value, out)
 
 
 # (a compile-time constant: Numba freezes globals into the compiled code)
 _SHORT_FORM = 16.0
 
 
-def _normalize_columns(mean, invstd, weight, bias, c0, c1, inner, groups, like):
+@_helper
+def _normalize_columns(mean, scale, shift, invstd, c0, c1, inner, groups, like):
     """Per-column coefficients of channels c0..c1 and whether the short form applies.
 
     Long form: y = (x - m) * s + b, m the mean in the arithmetic type (see
@@ -711,307 +833,636 @@ def _normalize_columns(mean, invstd, weight, bias, c0, c1, inner, groups, like):
     b = _compute_empty(c1, like)
     short = True
     for c in range(c0, c1):
-        scale = weight[c] * invstd[c]
         if not abs(mean[c]) * invstd[c] <= _SHORT_FORM:
             short = False
-        m[c], s[c], b[c] = _normalize_coefficients_jit(mean[c], scale, bias[c], like)
+        m[c], s[c], b[c] = _normalize_coefficients(mean[c], scale[c], shift[c], like)
     if short:
         for c in range(c0, c1):
-            scale = weight[c] * invstd[c]
             m[c] = 0.0
-            b[c] = _compute_value(bias[c] - mean[c] * scale, like)
+            b[c] = _compute_value(shift[c] - mean[c] * scale[c], like)
     width = (c1 - c0) * inner * groups
     col_m = _compute_empty(width, like)
     col_s = _compute_empty(width, like)
     col_b = _compute_empty(width, like)
-    _spread_jit(m, c0, c1, inner, groups, col_m)
-    _spread_jit(s, c0, c1, inner, groups, col_s)
-    _spread_jit(b, c0, c1, inner, groups, col_b)
+    _spread(m, c0, c1, inner, groups, col_m)
+    _spread(s, c0, c1, inner, groups, col_s)
+    _spread(b, c0, c1, inner, groups, col_b)
     return col_m, col_s, col_b, short
 
 
-def _apply_columns(count, totals, mean, invstd, weight, training, c0, c1, inner, groups, like,
-                   sum_dy, sum_dy_xhat):
-    """Per-column (m, a, g, b) of dx = a * ((dy - g) - (x - m) * b) for channels c0..c1, from
-    their sums (totals[0..2, c]); writes dbeta and dgamma."""
+@_helper
+def _apply_columns(coefficients, c0, c1, inner, groups, like):
+    """Per-column (m, a, g, b) of dx = a * ((dz - g) - (x - m) * b) for channels c0..c1 from
+    float64 coefficients[0..3, c] = (mu, a, mean_dy, b)."""
     m = _compute_empty(c1, like)
     a = _compute_empty(c1, like)
     g = _compute_empty(c1, like)
     b = _compute_empty(c1, like)
     for c in range(c0, c1):
-        mu, a64, mean_dy, b64, dgamma = _backward_coefficients_jit(
-            count, totals[0, c], totals[1, c], totals[2, c], mean[c], invstd[c], weight[c],
-            training)
-        sum_dy[c] = totals[0, c]
-        sum_dy_xhat[c] = dgamma
-        m[c], a[c], g[c], b[c] = _apply_coefficients_jit(mu, a64, mean_dy, b64, like)
+        m[c], a[c], g[c], b[c] = _apply_coefficients(coefficients[0, c], coefficients[1, c],
+                                                     coefficients[2, c], coefficients[3, c],
+                                                     like)
     width = (c1 - c0) * inner * groups
     col_m = _compute_empty(width, like)
     col_a = _compute_empty(width, like)
     col_g = _compute_empty(width, like)
     col_b = _compute_empty(width, like)
-    _spread_jit(m, c0, c1, inner, groups, col_m)
-    _spread_jit(a, c0, c1, inner, groups, col_a)
-    _spread_jit(g, c0, c1, inner, groups, col_g)
-    _spread_jit(b, c0, c1, inner, groups, col_b)
+    _spread(m, c0, c1, inner, groups, col_m)
+    _spread(a, c0, c1, inner, groups, col_a)
+    _spread(g, c0, c1, inner, groups, col_g)
+    _spread(b, c0, c1, inner, groups, col_b)
     return col_m, col_a, col_g, col_b
 
 
-_shifts_jit = _helper(_shifts)
-_finish_moments_jit = _helper(_finish_moments)
-_rows_shifted_sums_jit = _helper(_rows_shifted_sums)
-_rows_normalize_jit = _helper(_rows_normalize)
-_rows_backward_sums_jit = _helper(_rows_backward_sums)
-_rows_backward_apply_jit = _helper(_rows_backward_apply)
-_normalize_columns_jit = _helper(_normalize_columns)
-_apply_columns_jit = _helper(_apply_columns)
+@_helper
+def _gradient_coefficients(count, totals, mean, invstd, weight, training, c0, c1, coefficients,
+                           sums):
+    """coefficients[:, c] = (mu, a, mean_dy, b) and sums[:, c] = (dbeta, dgamma) for channels
+    c0..c1 from their backward sums totals[0..2, c]."""
+    for c in range(c0, c1):
+        mu, a, mean_dy, b, dgamma = _backward_coefficients(
+            count, totals[0, c], totals[1, c], totals[2, c], mean[c], invstd[c], weight[c],
+            training)
+        coefficients[0, c] = mu
+        coefficients[1, c] = a
+        coefficients[2, c] = mean_dy
+        coefficients[3, c] = b
+        sums[0, c] = totals[0, c]
+        sums[1, c] = dgamma
 
 
-# row blocks: per-column partial sums of every block (in parallel), added in block order; then
-# every block is normalized
+# ---- rows: task kernels (a task is a block of rows; block task is rows
+# task * rows // blocks .. (task + 1) * rows // blocks)
 
-def _matrix_moments(x, inner, channels, groups, blocks, shift_rows, mean, m2):
-    rows, width = x.shape
-    k, shift = _shifts_jit(x, shift_rows, 0, 0, channels, inner, groups)
-    s1 = np.empty((blocks, width))
-    s2 = np.empty((blocks, width))
-    for task in prange(blocks):
-        s1[task, :] = 0.0               # zeroed by the task that uses them
-        s2[task, :] = 0.0
-        _rows_shifted_sums_jit(x, task * rows // blocks, (task + 1) * rows // blocks, 0, shift,
-                               s1[task], s2[task], 0)
-    for task in range(1, blocks):
-        for j in range(width):
-            s1[0, j] += s1[task, j]
-            s2[0, j] += s2[task, j]
-    _finish_moments_jit(s1[0], s2[0], k, 0, channels, inner, groups,
-                        float(rows) * inner * groups, mean, m2)
+@_jit(reduces=True)
+def _rows_shift(x, shift_rows, channels, inner, groups, k):
+    """k[c] = the shift of channel c; returns it per column."""
+    kc, columns = _shifts(x, shift_rows, 0, 0, channels, inner, groups)
+    k[:] = kc
+    return columns
 
 
-_matrix_moments_jit = _helper(_matrix_moments)
-
-
-def _moments_matrix_impl(x, inner, channels, groups, blocks, shift_rows, mean, m2):
-    _matrix_moments_jit(x, inner, channels, groups, blocks, shift_rows, mean, m2)
-
-
-def _forward_train_matrix_impl(x, inner, channels, groups, weight, bias, eps, blocks, shift_rows,
-                               y, mean, var):
+@_jit(reduces=True)
+def _rows_moments(x, shift, blocks, part, t0, t1):
+    """part[task, 0/1, :] = per-column shifted sums S1, S2 of row block task."""
     rows = x.shape[0]
-    m2 = np.empty(channels)
-    _matrix_moments_jit(x, inner, channels, groups, blocks, shift_rows, mean, m2)
-    count = float(rows) * inner * groups
-    invstd = np.empty(channels)
-    for c in range(channels):
-        var[c] = m2[c] / count
-        invstd[c] = 1.0 / np.sqrt(var[c] + eps)
-    col_m, col_s, col_b, short = _normalize_columns_jit(mean, invstd, weight, bias, 0, channels,
-                                                        inner, groups, x)
-    for task in prange(blocks):
-        _rows_normalize_jit(x, task * rows // blocks, (task + 1) * rows // blocks, 0, col_m,
-                            col_s, col_b, short, y)
+    for task in range(t0, t1):
+        part[task, 0, :] = 0.0
+        part[task, 1, :] = 0.0
+        _rows_shifted_sums(x, task * rows // blocks, (task + 1) * rows // blocks, 0, shift,
+                           part[task, 0], part[task, 1], 0)
 
 
-def _normalize_matrix_impl(x, inner, channels, groups, blocks, mean, invstd, weight, bias, y):
+@_jit(reduces=False)
+def _rows_normalize_blocks(x, col_m, col_s, col_b, short, res, act, blocks, y, t0, t1):
     rows = x.shape[0]
-    col_m, col_s, col_b, short = _normalize_columns_jit(mean, invstd, weight, bias, 0, channels,
-                                                        inner, groups, x)
-    for task in prange(blocks):
-        _rows_normalize_jit(x, task * rows // blocks, (task + 1) * rows // blocks, 0, col_m,
-                            col_s, col_b, short, y)
+    for task in range(t0, t1):
+        _rows_normalize(x, task * rows // blocks, (task + 1) * rows // blocks, 0, col_m, col_s,
+                        col_b, short, res, act, y)
 
 
-def _backward_matrix_impl(dy, x, inner, channels, groups, mean, invstd, weight, training, blocks,
-                          dx, sum_dy, sum_dy_xhat):
-    rows, width = x.shape
-    col_mean = np.empty(width)
-    _spread_jit(mean, 0, channels, inner, groups, col_mean)
-    part = np.empty((blocks, 3, width))
-    for task in prange(blocks):
+@_jit(reduces=True)
+def _rows_backward_sums_blocks(dy, x, y, act, col_mean, blocks, part, t0, t1):
+    rows = x.shape[0]
+    for task in range(t0, t1):
         part[task] = 0.0
-        _rows_backward_sums_jit(dy, x, task * rows // blocks, (task + 1) * rows // blocks, 0,
-                                col_mean, part[task, 0], part[task, 1], part[task, 2], 0)
-    totals = np.zeros((3, channels))
-    for task in range(blocks):
-        for k in range(3):
-            _fold_jit(part[task, k], 0, channels, inner, groups, totals[k])
-    col_m, col_a, col_g, col_b = _apply_columns_jit(
-        float(rows) * inner * groups, totals, mean, invstd, weight, training, 0, channels, inner,
-        groups, x, sum_dy, sum_dy_xhat)
-    for task in prange(blocks):
-        _rows_backward_apply_jit(dy, x, task * rows // blocks, (task + 1) * rows // blocks, 0,
-                                 col_m, col_a, col_g, col_b, dx)
+        _rows_backward_sums(dy, x, y, act, task * rows // blocks, (task + 1) * rows // blocks, 0,
+                            col_mean, part[task, 0], part[task, 1], part[task, 2], 0)
 
 
-# column blocks (groups == 1): a task owns channels c0..c1 over all rows, so its second pass
-# reads them from cache
+@_jit(reduces=False)
+def _rows_backward_apply_blocks(dy, x, y, act, col_m, col_a, col_g, col_b, blocks, dx, dres,
+                                t0, t1):
+    rows = x.shape[0]
+    for task in range(t0, t1):
+        _rows_backward_apply(dy, x, y, act, task * rows // blocks, (task + 1) * rows // blocks,
+                             0, col_m, col_a, col_g, col_b, dx, dres)
 
+
+# ---- column blocks (groups == 1): a task owns channels c0..c1 over all rows, so its second
+# pass reads them from cache
+
+@_helper
 def _block_moments(x, c0, c1, inner, shift_rows, piece, mean, m2):
     rows = x.shape[0]
     j0 = c0 * inner
-    k, shift = _shifts_jit(x, shift_rows, j0, c0, c1, inner, 1)
+    k, shift = _shifts(x, shift_rows, j0, c0, c1, inner, 1)
     s1 = np.zeros(shift.shape[0])
     s2 = np.zeros(shift.shape[0])
-    _rows_shifted_sums_jit(x, 0, rows, j0, shift, s1, s2, piece)
-    _finish_moments_jit(s1, s2, k, c0, c1, inner, 1, float(rows) * inner, mean, m2)
+    _rows_shifted_sums(x, 0, rows, j0, shift, s1, s2, piece)
+    _finish_moments(s1, s2, k, c0, c1, inner, 1, float(rows) * inner, mean, m2)
 
 
-_block_moments_jit = _helper(_block_moments)
+@_jit(reduces=True)
+def _blocks_moments(x, inner, channels, per_task, shift_rows, piece, stats, t0, t1):
+    """stats[0, c] = mean, stats[1, c] = M2."""
+    for task in range(t0, t1):
+        _block_moments(x, task * per_task, min((task + 1) * per_task, channels), inner,
+                       shift_rows, piece, stats[0], stats[1])
 
 
-def _moments_blocks_impl(x, inner, channels, per_task, shift_rows, piece, mean, m2):
-    tasks = (channels + per_task - 1) // per_task
-    for task in prange(tasks):
-        _block_moments_jit(x, task * per_task, min((task + 1) * per_task, channels), inner,
-                           shift_rows, piece, mean, m2)
-
-
-def _forward_train_blocks_impl(x, inner, channels, weight, bias, eps, per_task, shift_rows,
-                               piece, y, mean, var):
+@_jit(reduces=True)
+def _blocks_forward_train(x, inner, channels, weight, bias, eps, res, act, per_task, shift_rows,
+                          piece, y, stats, t0, t1):
+    """stats[0, c] = mean, stats[1, c] = biased variance; y normalized from cache."""
     rows = x.shape[0]
-    tasks = (channels + per_task - 1) // per_task
-    for task in prange(tasks):
+    for task in range(t0, t1):
         c0 = task * per_task
         c1 = min(c0 + per_task, channels)
-        m2 = np.empty(c1)
-        _block_moments_jit(x, c0, c1, inner, shift_rows, piece, mean, m2)
+        _block_moments(x, c0, c1, inner, shift_rows, piece, stats[0], stats[1])
         invstd = np.empty(c1)
+        scale = np.empty(c1)
         for c in range(c0, c1):
-            var[c] = m2[c] / (float(rows) * inner)
-            invstd[c] = 1.0 / np.sqrt(var[c] + eps)
-        col_m, col_s, col_b, short = _normalize_columns_jit(mean, invstd, weight, bias, c0, c1,
-                                                            inner, 1, x)
-        _rows_normalize_jit(x, 0, rows, c0 * inner, col_m, col_s, col_b, short, y)
+            stats[1, c] = stats[1, c] / (float(rows) * inner)
+            invstd[c] = 1.0 / np.sqrt(stats[1, c] + eps)
+            scale[c] = weight[c] * invstd[c]
+        col_m, col_s, col_b, short = _normalize_columns(stats[0], scale, bias, invstd, c0, c1,
+                                                        inner, 1, x)
+        _rows_normalize(x, 0, rows, c0 * inner, col_m, col_s, col_b, short, res, act, y)
 
 
-def _backward_blocks_impl(dy, x, inner, channels, mean, invstd, weight, training, per_task,
-                          piece, dx, sum_dy, sum_dy_xhat):
+@_jit(reduces=True)
+def _blocks_backward(dy, x, y, act, inner, channels, mean, invstd, weight, training, per_task,
+                     piece, dx, dres, sums, t0, t1):
     rows = x.shape[0]
-    tasks = (channels + per_task - 1) // per_task
-    for task in prange(tasks):
+    for task in range(t0, t1):
         c0 = task * per_task
         c1 = min(c0 + per_task, channels)
         width = (c1 - c0) * inner
         col_mean = np.empty(width)
-        _spread_jit(mean, c0, c1, inner, 1, col_mean)
-        sums = np.zeros((3, width))
-        _rows_backward_sums_jit(dy, x, 0, rows, c0 * inner, col_mean, sums[0], sums[1], sums[2],
-                                piece)
+        _spread(mean, c0, c1, inner, 1, col_mean)
+        part = np.zeros((3, width))
+        _rows_backward_sums(dy, x, y, act, 0, rows, c0 * inner, col_mean, part[0], part[1],
+                            part[2], piece)
         totals = np.zeros((3, c1))
         for k in range(3):
-            _fold_jit(sums[k], c0, c1, inner, 1, totals[k])
-        col_m, col_a, col_g, col_b = _apply_columns_jit(
-            float(rows) * inner, totals, mean, invstd, weight, training, c0, c1, inner, 1, x,
-            sum_dy, sum_dy_xhat)
-        _rows_backward_apply_jit(dy, x, 0, rows, c0 * inner, col_m, col_a, col_g, col_b, dx)
+            _fold(part[k], c0, c1, inner, 1, totals[k])
+        coefficients = np.empty((4, c1))
+        _gradient_coefficients(float(rows) * inner, totals, mean, invstd, weight, training,
+                               c0, c1, coefficients, sums)
+        col_m, col_a, col_g, col_b = _apply_columns(coefficients, c0, c1, inner, 1, x)
+        _rows_backward_apply(dy, x, y, act, 0, rows, c0 * inner, col_m, col_a, col_g, col_b,
+                             dx, dres)
 
 
-_moments_channel_major = _kernel(_moments_channel_major_impl)
-_forward_train_channel_major = _kernel(_forward_train_channel_major_impl)
-_normalize_channel_major = _kernel(_normalize_channel_major_impl)
-_backward_channel_major = _kernel(_backward_channel_major_impl)
-_moments_matrix = _kernel(_moments_matrix_impl)
-_forward_train_matrix = _kernel(_forward_train_matrix_impl)
-_normalize_matrix = _kernel(_normalize_matrix_impl)
-_backward_matrix = _kernel(_backward_matrix_impl)
-_moments_blocks = _kernel(_moments_blocks_impl)
-_forward_train_blocks = _kernel(_forward_train_blocks_impl)
-_backward_blocks = _kernel(_backward_blocks_impl)
+# ---- merges and per-channel coefficients (serial, between the phases of a split call)
+
+@_jit(reduces=False)
+def _merge_segments(part, segments, stats):
+    """stats[0, c] = mean, stats[1, c] = M2 of channel c from its segments' (count, mean, M2),
+    merged in order (Chan)."""
+    for c in range(stats.shape[1]):
+        first = c * segments
+        n_a, mean_a, m2_a = part[0, first], part[1, first], part[2, first]
+        for task in range(first + 1, first + segments):
+            n_b = part[0, task]
+            delta = part[1, task] - mean_a
+            n_ab = n_a + n_b
+            mean_a += delta * (n_b / n_ab)
+            m2_a += part[2, task] + delta * delta * (n_a * n_b / n_ab)
+            n_a = n_ab
+        stats[0, c] = mean_a
+        stats[1, c] = m2_a
+
+
+@_jit(reduces=False)
+def _merge_row_blocks(part, k, inner, groups, count, stats):
+    """stats[0, c] = mean, stats[1, c] = M2 from the row blocks' per-column shifted sums, added
+    in block order."""
+    blocks = part.shape[0]
+    for task in range(1, blocks):
+        for q in range(2):
+            dst = part[0, q]
+            src = part[task, q]
+            for j in range(dst.shape[0]):
+                dst[j] += src[j]
+    _finish_moments(part[0, 0], part[0, 1], k, 0, k.shape[0], inner, groups, count, stats[0],
+                    stats[1])
+
+
+@_jit(reduces=False)
+def _sum_segments(part, segments, totals):
+    """totals[q, c] = part[q, c * segments] + ... (in order)."""
+    for c in range(totals.shape[1]):
+        for q in range(3):
+            total = 0.0
+            for task in range(c * segments, (c + 1) * segments):
+                total += part[q, task]
+            totals[q, c] = total
+
+
+@_jit(reduces=False)
+def _fold_row_blocks(part, inner, groups, totals):
+    """totals[q, c] = the sum over row blocks (in order) and over channel c's columns."""
+    totals[:] = 0.0
+    channels = totals.shape[1]
+    for task in range(part.shape[0]):
+        for q in range(3):
+            _fold(part[task, q], 0, channels, inner, groups, totals[q])
+
+
+@_jit(reduces=False)
+def _train_coefficients(stats, count, eps, weight, bias, coefficients):
+    """stats[1] from M2 to the biased variance; coefficients[:, c] = (mean, scale, shift) and
+    coefficients[3, c] = invstd."""
+    for c in range(stats.shape[1]):
+        var = stats[1, c] / count
+        stats[1, c] = var
+        invstd = 1.0 / np.sqrt(var + eps)
+        coefficients[0, c] = stats[0, c]
+        coefficients[1, c] = weight[c] * invstd
+        coefficients[2, c] = bias[c]
+        coefficients[3, c] = invstd
+
+
+@_jit(reduces=False)
+def _backward_coefficients_all(count, totals, mean, invstd, weight, training, coefficients,
+                               sums):
+    _gradient_coefficients(count, totals, mean, invstd, weight, training, 0, totals.shape[1],
+                           coefficients, sums)
+
+
+@_jit(reduces=False)
+def _spread_columns(values, inner, groups, columns):
+    _spread(values, 0, values.shape[0], inner, groups, columns)
+
+
+@_jit(reduces=False)
+def _column_coefficients(coefficients, inner, groups, like):
+    """Per-column normalization coefficients (col_m, col_s, col_b, short)."""
+    return _normalize_columns(coefficients[0], coefficients[1], coefficients[2],
+                              coefficients[3], 0, coefficients.shape[1], inner, groups, like)
+
+
+@_jit(reduces=False)
+def _column_gradient_coefficients(coefficients, inner, groups, like):
+    return _apply_columns(coefficients, 0, coefficients.shape[1], inner, groups, like)
+
+
+# ---- rows: one serial call for a single row block (small tensors: a (60, 100) batch), the
+# same arithmetic as the split kernels above with blocks == 1
+
+@_jit(reduces=True)
+def _rows_moments_whole(x, shift_rows, inner, groups, stats):
+    rows, width = x.shape
+    channels = stats.shape[1]
+    k, shift = _shifts(x, shift_rows, 0, 0, channels, inner, groups)
+    s1 = np.zeros(width)
+    s2 = np.zeros(width)
+    _rows_shifted_sums(x, 0, rows, 0, shift, s1, s2, 0)
+    _finish_moments(s1, s2, k, 0, channels, inner, groups, float(rows) * inner * groups,
+                    stats[0], stats[1])
+
+
+@_jit(reduces=True)
+def _rows_forward_train_whole(x, weight, bias, eps, res, act, shift_rows, inner, groups, y,
+                              stats):
+    rows, width = x.shape
+    channels = stats.shape[1]
+    k, shift = _shifts(x, shift_rows, 0, 0, channels, inner, groups)
+    s1 = np.zeros(width)
+    s2 = np.zeros(width)
+    _rows_shifted_sums(x, 0, rows, 0, shift, s1, s2, 0)
+    count = float(rows) * inner * groups
+    _finish_moments(s1, s2, k, 0, channels, inner, groups, count, stats[0], stats[1])
+    invstd = np.empty(channels)
+    scale = np.empty(channels)
+    for c in range(channels):
+        stats[1, c] = stats[1, c] / count
+        invstd[c] = 1.0 / np.sqrt(stats[1, c] + eps)
+        scale[c] = weight[c] * invstd[c]
+    col_m, col_s, col_b, short = _normalize_columns(stats[0], scale, bias, invstd, 0, channels,
+                                                    inner, groups, x)
+    _rows_normalize(x, 0, rows, 0, col_m, col_s, col_b, short, res, act, y)
+
+
+@_jit(reduces=False)
+def _rows_forward_eval_whole(x, coefficients, inner, groups, res, act, y):
+    col_m, col_s, col_b, short = _normalize_columns(
+        coefficients[0], coefficients[1], coefficients[2], coefficients[3], 0,
+        coefficients.shape[1], inner, groups, x)
+    _rows_normalize(x, 0, x.shape[0], 0, col_m, col_s, col_b, short, res, act, y)
+
+
+@_jit(reduces=True)
+def _rows_backward_whole(dy, x, y, act, mean, invstd, weight, training, inner, groups, dx, dres,
+                         sums):
+    rows, width = x.shape
+    channels = mean.shape[0]
+    col_mean = np.empty(width)
+    _spread(mean, 0, channels, inner, groups, col_mean)
+    part = np.zeros((3, width))
+    _rows_backward_sums(dy, x, y, act, 0, rows, 0, col_mean, part[0], part[1], part[2], 0)
+    totals = np.zeros((3, channels))
+    for q in range(3):
+        _fold(part[q], 0, channels, inner, groups, totals[q])
+    coefficients = np.empty((4, channels))
+    _gradient_coefficients(float(rows) * inner * groups, totals, mean, invstd, weight, training,
+                           0, channels, coefficients, sums)
+    col_m, col_a, col_g, col_b = _apply_columns(coefficients, 0, channels, inner, groups, x)
+    _rows_backward_apply(dy, x, y, act, 0, rows, 0, col_m, col_a, col_g, col_b, dx, dres)
+
+
+def _as_element(value, out):
+    """A float64 value rounded to out's dtype (float32 or float64)."""
+
+
+@overload(_as_element, inline="always")
+def _as_element_overload(value, out):
+    if out.dtype == types.float32:
+        return lambda value, out: np.float32(value)
+    return lambda value, out: value
+
+
+# ---- per-channel inputs and outputs (exactly NumPy's arithmetic: these match the reference)
+
+@_jit(reduces=False)
+def _eval_coefficients(running_mean, running_var, weight, bias, eps, coefficients, mean, invstd):
+    """coefficients[:, c] = (mean, scale, shift, invstd); mean/invstd outputs written."""
+    for c in range(coefficients.shape[1]):
+        inv = 1.0 / np.sqrt(running_var[c] + eps)
+        coefficients[0, c] = running_mean[c]
+        coefficients[1, c] = weight[c] * inv
+        coefficients[2, c] = bias[c]
+        coefficients[3, c] = inv
+        mean[c] = running_mean[c]
+        invstd[c] = inv
+
+
+@_jit(reduces=False)
+def _write_forward_stats(stats, eps, mean, invstd):
+    for c in range(stats.shape[1]):
+        mean[c] = stats[0, c]
+        invstd[c] = 1.0 / np.sqrt(stats[1, c] + eps)
+
+
+@_jit(reduces=False)
+def _write_moments(stats, count, mean, var):
+    for c in range(stats.shape[1]):
+        mean[c] = stats[0, c]
+        var[c] = stats[1, c] / count
+
+
+@_jit(reduces=False)
+def _write_pair(values, first, second):
+    for c in range(values.shape[1]):
+        first[c] = values[0, c]
+        second[c] = values[1, c]
+
+
+@_jit(reduces=False)
+def _running_update(running_mean, running_var, mean, var, count, momentum):
+    """r = (1 - momentum) r + momentum * batch (unbiased var) for every channel, in NumPy's
+    arithmetic, but only when every new value is finite in the running statistics' dtype;
+    returns the number of channels whose values are not (then nothing was written)."""
+    unbiased = count / (count - 1.0)
+    bad = 0
+    for c in range(mean.shape[0]):
+        new_mean = _as_element((1.0 - momentum) * np.float64(running_mean[c])
+                               + momentum * mean[c], running_mean)
+        new_var = _as_element((1.0 - momentum) * np.float64(running_var[c])
+                              + momentum * (var[c] * unbiased), running_var)
+        if not (np.isfinite(new_mean) and np.isfinite(new_var)):
+            bad += 1
+    if bad:
+        return bad
+    for c in range(mean.shape[0]):
+        running_mean[c] = (1.0 - momentum) * np.float64(running_mean[c]) + momentum * mean[c]
+        running_var[c] = ((1.0 - momentum) * np.float64(running_var[c])
+                          + momentum * (var[c] * unbiased))
+    return 0
 
 
 # ----------------------------------------------------------------------------------------------
-# how the work is split: by the shape and _config only, never by the thread count
+# running tasks: a pool of Python threads, each calling the compiled (nogil) kernel on ranges of
+# tasks. Which task computes what depends on the shape only, so the thread count (and the order
+# in which threads take tasks) never changes a result.
 
-def _segments(x3):
-    """Pieces per channel for channel runs: 1 unless there are too few channels to keep
-    CPU_MIN_TASKS tasks busy, and no piece shorter than CPU_CHUNK_ELEMENTS."""
-    outer, channels, inner = x3.shape
+_pool = None
+_pool_lock = threading.Lock()
+
+
+def _get_pool():
+    global _pool
+    if _pool is None:
+        with _pool_lock:
+            if _pool is None:
+                _pool = concurrent.futures.ThreadPoolExecutor(
+                    max_workers=max(1, numba.config.NUMBA_NUM_THREADS - 1),
+                    thread_name_prefix="fastbn-cpu")
+    return _pool
+
+
+def _threads(tasks, size):
+    if tasks <= 1 or size < _config.CPU_PARALLEL_MIN_SIZE:
+        return 1
+    return min(tasks, numba.get_num_threads())
+
+
+def _run(kernel, tasks, size, *args):
+    """kernel(*args, t0, t1) for tasks 0..tasks: in the calling thread for small calls, else
+    over numba.get_num_threads() threads taking chunks of tasks in turn."""
+    threads = _threads(tasks, size)
+    if threads == 1:
+        kernel(*args, 0, tasks)
+        return
+    chunk = max(1, tasks // (threads * 4))
+    claimed = iter(range(0, tasks, chunk))   # next() is atomic under the GIL
+    lock = threading.Lock()
+
+    def work():
+        while True:
+            with lock:
+                t0 = next(claimed, None)
+            if t0 is None:
+                return
+            kernel(*args, t0, min(t0 + chunk, tasks))
+
+    pool = _get_pool()
+    futures = [pool.submit(work) for _ in range(threads - 1)]
+    try:
+        work()
+    finally:
+        for future in futures:
+            future.result()
+
+
+# ----------------------------------------------------------------------------------------------
+# the plan: how a call is split, from the shape, the strides and _config only
+
+RUNS = "runs"          # channel-major: a task per channel, or per channel segment
+BLOCKS = "blocks"      # short channel runs: a task per block of whole channels (fused)
+ROWS = "rows"          # channels-last (and elementwise passes over short runs): row blocks
+
+# the operations whose statistics and elementwise pass are fused into one task where possible
+_FUSED = frozenset({"moments", "forward_train", "backward"})
+# the operations without per-task partial sums
+_ELEMENTWISE = frozenset({"forward_eval", "backward_apply"})
+
+
+class Plan:
+    """How one call is split (every field depends on the shape and _config only)."""
+
+    __slots__ = ("kind", "regime", "tasks", "segments", "rows", "width", "inner", "groups",
+                 "per_task", "blocks", "shift_rows", "one_run")
+
+    def __repr__(self):
+        return "Plan(" + ", ".join(f"{k}={getattr(self, k)!r}" for k in self.__slots__) + ")"
+
+
+def _segments(shape3):
+    """Pieces per channel for channel runs: 1 (a task per channel, statistics and elementwise
+    pass fused) unless there are fewer than CPU_MIN_TASKS channels; then CPU_TASKS tasks in
+    all, none shorter than CPU_CHUNK_ELEMENTS values."""
+    outer, channels, inner = shape3
     if channels == 0 or channels >= _config.CPU_MIN_TASKS:
         return 1
-    wanted = -(-_config.CPU_MIN_TASKS // channels)
+    wanted = -(-_config.CPU_TASKS // channels)
     return max(1, min(wanted, outer * inner // max(_config.CPU_CHUNK_ELEMENTS, 1)))
 
 
-class _Matrix:
-    """x3 (outer, C, inner) as a (rows, columns) matrix, and how it is split."""
+def _plan_for(op, shape3, itemsize, inputs, mergeable=True, rows_contiguous=True):
+    """The plan of op on x-shaped arrays of shape3; inputs: how many x-shaped arrays a fused
+    task reads (its working set); mergeable: every array's (C, inner) axes merge into one
+    (a matrix view exists); rows_contiguous: every array's rows are contiguous (channels-last
+    rows may be grouped)."""
+    outer, channels, inner = shape3
+    plan = Plan()
+    plan.regime = _layout.regime(shape3)
+    plan.one_run = channels == 1 and inner == 1
+    if plan.one_run:
+        # a single channels-last channel is one long run: (1, 1, outer)
+        outer, inner = 1, outer
+        shape3 = (1, 1, inner)
+    plan.inner = inner
+    plan.groups = 1
+    plan.segments = 1
+    plan.per_task = 0
+    plan.blocks = 1
+    plan.shift_rows = 1
+    plan.rows, plan.width = outer, channels * inner
+    kind = RUNS
+    if inner < _config.CPU_MIN_RUN and mergeable and not plan.one_run:
+        if inner == 1:
+            kind = ROWS
+        elif op in _FUSED:
+            per_task = _block_channels(outer, channels, inner, itemsize, inputs)
+            if per_task:
+                kind = BLOCKS
+                plan.per_task = per_task
+        elif op in _ELEMENTWISE:
+            kind = ROWS
+        # (backward_reduce over short runs: a task per channel, no wide partial sums)
+    plan.kind = kind
+    if kind == RUNS:
+        plan.segments = _segments(shape3)
+        plan.tasks = channels * plan.segments
+        return plan
+    if kind == BLOCKS:
+        plan.tasks = -(-channels // plan.per_task)
+        plan.shift_rows = max(1, min(outer, _config.CPU_CHUNK_ELEMENTS
+                                     // max(plan.per_task * inner, 1)))
+        return plan
+    if inner == 1 and channels < _config.CPU_ROW_ELEMENTS and rows_contiguous:
+        # several rows per matrix row, so that the column loops are long (a loop's setup
+        # costs about as much as 64 elements)
+        want = -(-_config.CPU_ROW_ELEMENTS // channels)
+        plan.groups = next(g for g in range(min(want, outer), 0, -1) if outer % g == 0)
+    plan.rows = outer // plan.groups
+    plan.width = channels * inner * plan.groups
+    wanted = plan.rows * plan.width // max(_config.CPU_CHUNK_ELEMENTS, 1)
+    cap = _config.CPU_MAX_TASKS
+    if op not in _ELEMENTWISE:
+        cap = min(cap, max(1, (1 << 22) // max(plan.width, 1)))   # the partial sums stay small
+    plan.blocks = max(1, min(plan.rows, cap, wanted))
+    plan.tasks = plan.blocks
+    plan.shift_rows = max(1, min(plan.rows, _config.CPU_CHUNK_ELEMENTS // max(plan.width, 1)))
+    return plan
 
-    __slots__ = ("rows", "width", "inner", "channels", "group", "itemsize")
 
-    def __init__(self, x3):
-        outer, channels, inner = x3.shape
-        self.inner = inner
-        self.channels = channels
-        self.itemsize = x3.itemsize
-        self.group = 1
-        if (inner == 1 and channels < _config.CPU_ROW_ELEMENTS
-                and outer * channels >= _config.CPU_PARALLEL_MIN_SIZE and _rows_contiguous(x3)):
-            # several rows per matrix row, so that the column loops are long (a loop's setup
-            # costs about as much as 64 elements)
-            want = -(-_config.CPU_ROW_ELEMENTS // channels)
-            self.group = next(g for g in range(min(want, outer), 0, -1) if outer % g == 0)
-        self.rows = outer // self.group
-        self.width = channels * inner * self.group
-
-    def view(self, a3):
-        """The (rows, width) view of an x-shaped canonical array (any of x, dy, y, dx); never a
-        copy (reshape raises instead)."""
-        if self.inner == 1:
-            a2 = a3[:, :, 0]
-            return a2 if self.group == 1 else np.reshape(a2, (self.rows, self.width), copy=False)
-        return np.reshape(a3, (self.rows, self.width), copy=False)
-
-    def blocks_per_task(self, inputs):
-        """Channels per column block when a block over all rows fits CPU_FUSED_BYTES (and is
-        at least two cache lines wide); 0 when it does not (use row blocks)."""
-        if self.inner == 1:
-            return 0        # a block's rows would be too short to loop over efficiently
-        channel_bytes = self.rows * self.inner * self.itemsize * inputs
-        least = -(-128 // (self.inner * self.itemsize))
-        if channel_bytes * least > _config.CPU_FUSED_BYTES:
-            return 0
-        fits = max(least, _config.CPU_FUSED_BYTES // max(channel_bytes, 1))
-        # enough blocks to keep CPU_MIN_TASKS tasks, where the cache-line width allows it
-        spread = max(least, -(-self.channels // _config.CPU_MIN_TASKS))
-        return min(fits, spread, self.channels)
-
-    def row_blocks(self):
-        wanted = self.rows * self.width // max(_config.CPU_CHUNK_ELEMENTS, 1)
-        memory_cap = max(1, (1 << 22) // max(self.width, 1))    # the partial sums stay small
-        return max(1, min(self.rows, _config.CPU_MAX_TASKS, memory_cap, wanted))
-
-    def shift_rows(self, per_task=0):
-        """Rows whose mean is the shift of the shifted sums: about CPU_CHUNK_ELEMENTS values
-        of a task's columns."""
-        width = per_task * self.inner if per_task else self.width
-        return max(1, min(self.rows, _config.CPU_CHUNK_ELEMENTS // max(width, 1)))
-
-
-def _rows_contiguous(x3):
-    return x3.strides[1] == x3.itemsize and x3.strides[0] == x3.shape[1] * x3.itemsize
+def _block_channels(rows, channels, inner, itemsize, inputs):
+    """Channels per column block when a block over all rows fits CPU_FUSED_BYTES (and is at
+    least two cache lines wide); 0 when it does not."""
+    channel_bytes = rows * inner * itemsize * inputs
+    least = -(-128 // (inner * itemsize))
+    if channel_bytes * least > _config.CPU_FUSED_BYTES:
+        return 0
+    fits = max(least, _config.CPU_FUSED_BYTES // max(channel_bytes, 1))
+    spread = max(least, -(-channels // _config.CPU_TASKS))   # CPU_TASKS blocks, where possible
+    return min(fits, spread, channels)
 
 
 def _mergeable(a3):
     return a3.shape[2] == 1 or a3.strides[1] == a3.shape[2] * a3.strides[2]
 
 
-def _matrix_plan(x3, others, inputs):
-    """(matrix, channels per column block or 0 for row blocks), or None for channel runs.
-    Short channel runs (1 < inner < CPU_MIN_RUN) take the matrix path only as column blocks."""
-    if x3.shape[2] >= _config.CPU_MIN_RUN or not all(_mergeable(a) for a in (x3,) + others):
-        return None
-    mat = _Matrix(x3)
-    if mat.group > 1 and not all(_rows_contiguous(a) for a in others):
-        mat.group = 1
-        mat.rows, mat.width = x3.shape[0], x3.shape[1]
-    per_task = mat.blocks_per_task(inputs)
-    if per_task == 0 and mat.inner > 1:
-        return None
-    return mat, per_task
+def _rows_contiguous(a3):
+    return a3.strides[1] == a3.itemsize and a3.strides[0] == a3.shape[1] * a3.itemsize
 
 
-def _as_one_channel_run(x3):
-    """A single channel with inner == 1 is one long run: (1, 1, outer)."""
-    return as_strided(x3, (1, 1, x3.shape[0]), (0, 0, x3.strides[0]))
+def _plan(op, x3, inputs):
+    """The plan of op for x3. It depends on x3 alone, so that the layout of the other arrays
+    never changes a result: one that does not fit the plan's view is copied (see _Views)."""
+    return _plan_for(op, x3.shape, x3.itemsize, inputs, _mergeable(x3),
+                     x3.shape[2] == 1 and _rows_contiguous(x3))
+
+
+def plan_tasks(shape3, itemsize, op):
+    """How many tasks op splits a C-contiguous (outer, C, inner) tensor into (the parallelism
+    a call offers; the benchmark suite tabulates it). op is an operation of the contract."""
+    inputs = {"backward": 2}.get(op, 1)
+    return _plan_for(op, tuple(int(n) for n in shape3), int(itemsize), inputs).tasks
+
+
+def _fits(plan, a3):
+    """Whether the plan's view of a3 exists without a copy."""
+    if plan.kind == RUNS:
+        return True
+    if plan.inner == 1:
+        return plan.groups == 1 or _rows_contiguous(a3)
+    return _mergeable(a3)
+
+
+def _view(plan, a3):
+    """a3 as the plan's kernels see it (float16 as uint16 bits; None stays None)."""
+    if a3 is None:
+        return None
+    a3 = _bits(a3)
+    if plan.one_run:
+        return as_strided(a3, (1, 1, a3.shape[0]), (0, 0, a3.strides[0]))
+    if plan.kind == RUNS:
+        return a3
+    if plan.inner == 1:
+        a2 = a3[:, :, 0]
+        return a2 if plan.groups == 1 else np.reshape(a2, (plan.rows, plan.width), copy=False)
+    return np.reshape(a3, (plan.rows, plan.width), copy=False)
+
+
+def _input(plan, a3):
+    """The kernel view of an input, through a contiguous copy when its layout does not fit."""
+    if a3 is not None and not _fits(plan, a3):
+        a3 = np.ascontiguousarray(a3)
+    return _view(plan, a3)
+
+
+class _Output:
+    """The kernel view of an output; a contiguous scratch array, copied back by done(), when
+    the output's layout does not fit the plan (or it is x3 itself while an input was copied:
+    in place stays in place)."""
+
+    __slots__ = ("target", "scratch", "view")
+
+    def __init__(self, plan, a3):
+        self.target = a3
+        self.scratch = None
+        if a3 is not None and not _fits(plan, a3):
+            self.scratch = np.empty(a3.shape, a3.dtype)
+            a3 = self.scratch
+        self.view = _view(plan, a3)
+
+    def done(self):
+        if self.scratch is not None:
+            self.target[...] = self.scratch
 
 
 def _block():
@@ -1019,210 +1470,358 @@ def _block():
 
 
 # ----------------------------------------------------------------------------------------------
-# operations (the same names in every backend)
+# per-channel host helpers
 
-def _ones(channels):
-    return np.ones(channels)
-
-
-def _zeros(channels):
-    return np.zeros(channels)
+_constants = {}
 
 
-def _small_rows(x3):
-    """Small channels-last calls go straight to the serial matrix kernel, one row block (the
-    planning costs more than their work)."""
-    return x3.size < _config.CPU_PARALLEL_MIN_SIZE and x3.shape[2] == 1 and x3.shape[1] > 1
+def _constant(value, channels):
+    """A read-only float64 vector of value, cached per channel count (identity gamma/beta)."""
+    key = (value, channels)
+    vector = _constants.get(key)
+    if vector is None:
+        vector = np.full(channels, value)
+        vector.flags.writeable = False
+        if len(_constants) > 64:
+            _constants.clear()
+        _constants[key] = vector
+    return vector
 
 
-def _shift_rows_of(rows, width):
-    return max(1, min(rows, _config.CPU_CHUNK_ELEMENTS // width))
+def _float64(v, channels, default):
+    """A per-channel vector as a contiguous float64 array (default when v is None)."""
+    if v is None:
+        return _constant(default, channels)
+    if v.dtype == np.float64 and v.flags.c_contiguous:
+        return v
+    return np.ascontiguousarray(v, dtype=np.float64)
 
 
-def channel_moments(x3):
-    channels = x3.shape[1]
-    mean = np.empty(channels)
-    m2 = np.empty(channels)
-    if channels == 0 or x3.size == 0:
-        mean.fill(np.nan)
-        m2.fill(np.nan)
-        return mean, m2
-    if _small_rows(x3):
-        _moments_matrix[0](_bits(x3)[:, :, 0], 1, channels, 1, 1,
-                           _shift_rows_of(x3.shape[0], channels), mean, m2)
-        return mean, m2
-    if channels == 1 and x3.shape[2] == 1:
-        x3 = _as_one_channel_run(x3)
-    x = _bits(x3)
-    plan = _matrix_plan(x3, (), 1)
-    if plan is None:
-        _launch(_moments_channel_major, x3.size, x, _segments(x3), _block(), _config.CPU_PIECE,
-                mean, m2)
-        return mean, m2
-    mat, per_task = plan
-    if per_task:
-        _launch(_moments_blocks, x3.size, mat.view(x), mat.inner, channels, per_task,
-                mat.shift_rows(per_task), _config.CPU_PIECE, mean, m2)
-    else:
-        _launch(_moments_matrix, x3.size, mat.view(x), mat.inner, channels, mat.group,
-                mat.row_blocks(), mat.shift_rows(), mean, m2)
-    return mean, m2
+def _direct(out):
+    """out itself when kernels can write it (contiguous float32/float64), else None."""
+    if out.dtype.char in "fd" and out.flags.c_contiguous:
+        return out
+    return None
 
 
-def forward_train(x3, weight, bias, eps, y3):
-    channels = x3.shape[1]
-    weight = _ones(channels) if weight is None else weight
-    bias = _zeros(channels) if bias is None else bias
-    mean = np.empty(channels)
-    var = np.empty(channels)
-    if x3.size == 0:
-        return mean, var
-    if _small_rows(x3):
-        _forward_train_matrix[0](_bits(x3)[:, :, 0], 1, channels, 1, weight, bias, float(eps), 1,
-                                 _shift_rows_of(x3.shape[0], channels), _bits(y3)[:, :, 0], mean,
-                                 var)
-        return mean, var
-    if channels == 1 and x3.shape[2] == 1:
-        x3, y3 = _as_one_channel_run(x3), _as_one_channel_run(y3)
-    x = _bits(x3)
-    y = _bits(y3)
-    plan = _matrix_plan(x3, (y3,), 1)
-    if plan is not None:
-        mat, per_task = plan
-        if per_task:
-            _launch(_forward_train_blocks, x3.size, mat.view(x), mat.inner, channels, weight,
-                    bias, float(eps), per_task, mat.shift_rows(per_task), _config.CPU_PIECE,
-                    mat.view(y), mean, var)
-        else:
-            _launch(_forward_train_matrix, x3.size, mat.view(x), mat.inner, channels, mat.group,
-                    weight, bias, float(eps), mat.row_blocks(), mat.shift_rows(), mat.view(y),
-                    mean, var)
-        return mean, var
-    if x3.shape[2] > 1 and _segments(x3) == 1:
-        _launch(_forward_train_channel_major, x3.size, x, weight, bias, float(eps), _block(),
-                _config.CPU_PIECE, y, mean, var)
-        return mean, var
-    # few channels (or an unusual memory layout): all statistics, then the normalization
-    mean, m2 = channel_moments(x3)
-    var = m2 / (x3.shape[0] * x3.shape[2])
-    forward_eval(x3, mean, 1.0 / np.sqrt(var + eps), weight, bias, y3)
-    return mean, var
-
-
-def forward_eval(x3, mean, invstd, weight, bias, y3):
-    channels = x3.shape[1]
-    weight = _ones(channels) if weight is None else weight
-    shift = _zeros(channels) if bias is None else bias
-    if x3.size == 0:
+def _store_pair(values, first, second):
+    """first[...] = values[0], second[...] = values[1], rounded to their dtypes."""
+    if _direct(first) is not None and _direct(second) is not None:
+        _write_pair(values, first, second)
         return
-    if _small_rows(x3):
-        _normalize_matrix[0](_bits(x3)[:, :, 0], 1, channels, 1, 1, mean, invstd, weight,
-                             shift, _bits(y3)[:, :, 0])
-        return
-    if channels == 1 and x3.shape[2] == 1:
-        x3, y3 = _as_one_channel_run(x3), _as_one_channel_run(y3)
-    x = _bits(x3)
-    y = _bits(y3)
-    if x3.shape[2] == 1:
-        mat, _ = _matrix_plan(x3, (y3,), 1)
-        _launch(_normalize_matrix, x3.size, mat.view(x), 1, channels, mat.group,
-                mat.row_blocks(), mean, invstd, weight, shift, mat.view(y))
-        return
-    _launch(_normalize_channel_major, x3.size, x, mean, weight * invstd, shift, _block(), y)
-
-
-def backward(dy3, x3, mean, invstd, weight, training, dx3):
-    channels = x3.shape[1]
-    weight = _ones(channels) if weight is None else weight
-    sum_dy = np.zeros(channels)
-    sum_dy_xhat = np.zeros(channels)
-    if x3.size == 0:
-        return sum_dy, sum_dy_xhat
-    if _small_rows(x3):
-        _backward_matrix[0](_bits(dy3)[:, :, 0], _bits(x3)[:, :, 0], 1, channels, 1, mean,
-                            invstd, weight, bool(training), 1, _bits(dx3)[:, :, 0], sum_dy,
-                            sum_dy_xhat)
-        return sum_dy, sum_dy_xhat
-    if channels == 1 and x3.shape[2] == 1:
-        dy3, x3, dx3 = (_as_one_channel_run(dy3), _as_one_channel_run(x3),
-                        _as_one_channel_run(dx3))
-    dy = _bits(dy3)
-    x = _bits(x3)
-    dx = _bits(dx3)
-    plan = _matrix_plan(x3, (dy3, dx3), 2)
-    if plan is not None:
-        mat, per_task = plan
-        if per_task:
-            _launch(_backward_blocks, x3.size, mat.view(dy), mat.view(x), mat.inner, channels,
-                    mean, invstd, weight, bool(training), per_task, _config.CPU_PIECE,
-                    mat.view(dx), sum_dy, sum_dy_xhat)
-        else:
-            _launch(_backward_matrix, x3.size, mat.view(dy), mat.view(x), mat.inner, channels,
-                    mat.group, mean, invstd, weight, bool(training), mat.row_blocks(),
-                    mat.view(dx), sum_dy, sum_dy_xhat)
-        return sum_dy, sum_dy_xhat
-    _launch(_backward_channel_major, x3.size, dy, x, mean, invstd, weight, bool(training),
-            _segments(x3), _config.CPU_PIECE, dx, sum_dy, sum_dy_xhat)
-    return sum_dy, sum_dy_xhat
+    with np.errstate(over="ignore", invalid="ignore"):
+        first[...] = values[0]
+        second[...] = values[1]
 
 
 # ----------------------------------------------------------------------------------------------
-# host helpers with less per-call overhead than the shared NumPy versions in _host.py (they
-# dominate the time of small calls such as a (60, 100) batch)
+# what each (operation, plan) runs: the kernels above in their phases
 
-_NOTHING_SKIPPED = np.empty(0, np.intp)
-_NOTHING_SKIPPED.flags.writeable = False
-
-
-def asarray(a, name):
-    return a if type(a) is np.ndarray else _host.asarray(a, name)
+def _moments_runs(plan, size, x, stats):
+    part = np.empty((3, plan.tasks))
+    _run(_runs_moments, plan.tasks, size, x, plan.segments, _block(), _config.CPU_PIECE, part)
+    _merge_segments(part, plan.segments, stats)
 
 
-def view3(a, shape3, strides3):
-    if a.flags.c_contiguous:
-        # a C-contiguous array's canonical view is its C-order reshape (no copy)
-        view = a.reshape(shape3)
-        if all(s == t or n <= 1 for s, t, n in zip(view.strides, strides3, shape3)):
-            return view
-    return _host.view3(a, shape3, strides3)
+def _moments_blocks(plan, size, x, stats):
+    _run(_blocks_moments, plan.tasks, size, x, plan.inner, stats.shape[1], plan.per_task,
+         plan.shift_rows, _config.CPU_PIECE, stats)
 
 
-def _update_running_stats_impl(running_mean, running_var, mean, var, count, momentum):
-    unbiased = count / (count - 1.0)
-    skipped = 0
-    for c in range(mean.shape[0]):
-        if np.isfinite(mean[c]) and np.isfinite(var[c]):
-            running_mean[c] = (1.0 - momentum) * running_mean[c] + momentum * mean[c]
-            running_var[c] = (1.0 - momentum) * running_var[c] + momentum * (var[c] * unbiased)
-        else:
-            skipped += 1
-    return skipped
+def _moments_rows(plan, size, x, stats):
+    if plan.blocks == 1:
+        _rows_moments_whole(x, plan.shift_rows, plan.inner, plan.groups, stats)
+        return
+    k = np.empty(stats.shape[1])
+    shift = _rows_shift(x, plan.shift_rows, stats.shape[1], plan.inner, plan.groups, k)
+    part = np.empty((plan.blocks, 2, plan.width))
+    _run(_rows_moments, plan.tasks, size, x, shift, plan.blocks, part)
+    _merge_row_blocks(part, k, plan.inner, plan.groups,
+                      float(plan.rows) * plan.inner * plan.groups, stats)
 
 
-def _invstd_from_var_impl(var, eps):
-    out = np.empty(var.shape[0])
-    for c in range(var.shape[0]):
-        out[c] = 1.0 / np.sqrt(var[c] + eps)
-    return out
+def _forward_train_runs(plan, size, x, weight, bias, eps, res, act, y, stats):
+    if plan.segments == 1:
+        _run(_runs_forward_train, plan.tasks, size, x, weight, bias, eps, res, act, _block(),
+             _config.CPU_PIECE, y, stats)
+        return
+    _moments_runs(plan, size, x, stats)
+    coefficients = np.empty((4, stats.shape[1]))
+    _train_coefficients(stats, float(x.shape[0] * x.shape[2]), eps, weight, bias, coefficients)
+    _run(_runs_normalize, plan.tasks, size, x, coefficients, plan.segments, res, act, y)
 
 
-# exactly NumPy's arithmetic (no fastmath), so that they agree with the _host.py versions
-_exact = njit(**dict(_config.JIT_OPTIONS, fastmath=False))
-_update_running_stats = _exact(_update_running_stats_impl)
-_invstd_from_var = _exact(_invstd_from_var_impl)
+def _forward_train_blocks(plan, size, x, weight, bias, eps, res, act, y, stats):
+    _run(_blocks_forward_train, plan.tasks, size, x, plan.inner, stats.shape[1], weight, bias,
+         eps, res, act, plan.per_task, plan.shift_rows, _config.CPU_PIECE, y, stats)
 
 
-def update_running_stats(running_mean, running_var, mean, var, count, momentum, eps):
-    """As _host.update_running_stats, in one compiled loop for float32/float64 vectors."""
-    if (type(running_mean) is not np.ndarray or type(running_var) is not np.ndarray
-            or running_mean.dtype == np.float16 or running_var.dtype == np.float16):
-        return _host.update_running_stats(running_mean, running_var, mean, var, count,
-                                          momentum, eps)
-    if _update_running_stats(running_mean, running_var, mean, var, float(count),
-                             float(momentum)) == 0:
-        return _NOTHING_SKIPPED
-    return np.flatnonzero(~(np.isfinite(mean) & np.isfinite(var)))
+def _forward_train_rows(plan, size, x, weight, bias, eps, res, act, y, stats):
+    if plan.blocks == 1:
+        _rows_forward_train_whole(x, weight, bias, eps, res, act, plan.shift_rows, plan.inner,
+                                  plan.groups, y, stats)
+        return
+    _moments_rows(plan, size, x, stats)
+    coefficients = np.empty((4, stats.shape[1]))
+    _train_coefficients(stats, float(plan.rows) * plan.inner * plan.groups, eps, weight, bias,
+                        coefficients)
+    _normalize_rows(plan, size, x, coefficients, res, act, y)
 
 
-def invstd_from_var(var, eps):
-    return _invstd_from_var(var, float(eps))
+def _normalize_rows(plan, size, x, coefficients, res, act, y):
+    col_m, col_s, col_b, short = _column_coefficients(coefficients, plan.inner, plan.groups, x)
+    _run(_rows_normalize_blocks, plan.tasks, size, x, col_m, col_s, col_b, short, res, act,
+         plan.blocks, y)
+
+
+def _forward_eval_runs(plan, size, x, coefficients, res, act, y):
+    _run(_runs_normalize, plan.tasks, size, x, coefficients, plan.segments, res, act, y)
+
+
+def _forward_eval_rows(plan, size, x, coefficients, res, act, y):
+    if plan.blocks == 1:
+        _rows_forward_eval_whole(x, coefficients, plan.inner, plan.groups, res, act, y)
+        return
+    _normalize_rows(plan, size, x, coefficients, res, act, y)
+
+
+def _backward_runs(plan, size, dy, x, y, act, mean, invstd, weight, training, dx, dres, sums):
+    if plan.segments == 1:
+        _run(_runs_backward, plan.tasks, size, dy, x, y, act, mean, invstd, weight, training,
+             _config.CPU_PIECE, dx, dres, sums)
+        return
+    totals = _backward_reduce_runs(plan, size, dy, x, y, act, mean)
+    coefficients = np.empty((4, mean.shape[0]))
+    _backward_coefficients_all(float(x.shape[0] * x.shape[2]), totals, mean, invstd, weight,
+                               training, coefficients, sums)
+    _backward_apply_runs(plan, size, dy, x, y, act, coefficients, dx, dres)
+
+
+def _backward_blocks(plan, size, dy, x, y, act, mean, invstd, weight, training, dx, dres, sums):
+    _run(_blocks_backward, plan.tasks, size, dy, x, y, act, plan.inner, mean.shape[0], mean,
+         invstd, weight, training, plan.per_task, _config.CPU_PIECE, dx, dres, sums)
+
+
+def _backward_rows(plan, size, dy, x, y, act, mean, invstd, weight, training, dx, dres, sums):
+    if plan.blocks == 1:
+        _rows_backward_whole(dy, x, y, act, mean, invstd, weight, training, plan.inner,
+                             plan.groups, dx, dres, sums)
+        return
+    totals = _backward_reduce_rows(plan, size, dy, x, y, act, mean)
+    coefficients = np.empty((4, mean.shape[0]))
+    _backward_coefficients_all(float(plan.rows) * plan.inner * plan.groups, totals, mean,
+                               invstd, weight, training, coefficients, sums)
+    _backward_apply_rows(plan, size, dy, x, y, act, coefficients, dx, dres)
+
+
+def _backward_reduce_runs(plan, size, dy, x, y, act, mean):
+    part = np.empty((3, plan.tasks))
+    _run(_runs_backward_sums, plan.tasks, size, dy, x, y, act, mean, plan.segments,
+         _config.CPU_PIECE, part)
+    totals = np.empty((3, mean.shape[0]))
+    _sum_segments(part, plan.segments, totals)
+    return totals
+
+
+def _backward_reduce_rows(plan, size, dy, x, y, act, mean):
+    col_mean = np.empty(plan.width)
+    _spread_columns(mean, plan.inner, plan.groups, col_mean)
+    part = np.empty((plan.blocks, 3, plan.width))
+    _run(_rows_backward_sums_blocks, plan.tasks, size, dy, x, y, act, col_mean, plan.blocks,
+         part)
+    totals = np.empty((3, mean.shape[0]))
+    _fold_row_blocks(part, plan.inner, plan.groups, totals)
+    return totals
+
+
+def _backward_apply_runs(plan, size, dy, x, y, act, coefficients, dx, dres):
+    _run(_runs_backward_apply, plan.tasks, size, dy, x, y, act, coefficients, plan.segments,
+         dx, dres)
+
+
+def _backward_apply_rows(plan, size, dy, x, y, act, coefficients, dx, dres):
+    col_m, col_a, col_g, col_b = _column_gradient_coefficients(coefficients, plan.inner,
+                                                               plan.groups, x)
+    _run(_rows_backward_apply_blocks, plan.tasks, size, dy, x, y, act, col_m, col_a, col_g,
+         col_b, plan.blocks, dx, dres)
+
+
+#: (operation, plan kind) -> what runs it. Elementwise operations and backward_reduce have no
+#: fused BLOCKS variant: their plan on short runs is ROWS.
+_KERNELS = {
+    ("moments", RUNS): _moments_runs,
+    ("moments", BLOCKS): _moments_blocks,
+    ("moments", ROWS): _moments_rows,
+    ("forward_train", RUNS): _forward_train_runs,
+    ("forward_train", BLOCKS): _forward_train_blocks,
+    ("forward_train", ROWS): _forward_train_rows,
+    ("forward_eval", RUNS): _forward_eval_runs,
+    ("forward_eval", ROWS): _forward_eval_rows,
+    ("backward", RUNS): _backward_runs,
+    ("backward", BLOCKS): _backward_blocks,
+    ("backward", ROWS): _backward_rows,
+    ("backward_reduce", RUNS): _backward_reduce_runs,
+    ("backward_reduce", ROWS): _backward_reduce_rows,
+    ("backward_apply", RUNS): _backward_apply_runs,
+    ("backward_apply", ROWS): _backward_apply_rows,
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# operations (the contract, _contract.py; the same names and parameters in every backend)
+
+_small_plans = {}
+
+
+def _small_rows_plan(x3):
+    """The plan of a small channels-last call, cached (planning costs more than their work):
+    one serial row block. None for other calls."""
+    if x3.shape[2] != 1 or x3.shape[1] < 2 or x3.size >= _config.CPU_PARALLEL_MIN_SIZE:
+        return None
+    rows_contiguous = _rows_contiguous(x3)
+    key = (x3.shape, rows_contiguous, _config.CPU_CHUNK_ELEMENTS, _config.CPU_MAX_TASKS,
+           _config.CPU_ROW_ELEMENTS)
+    plan = _small_plans.get(key, False)
+    if plan is False:
+        plan = _plan_for("forward_eval", x3.shape, x3.itemsize, 1, True, rows_contiguous)
+        if plan.blocks != 1:
+            plan = None
+        if len(_small_plans) > 256:
+            _small_plans.clear()
+        _small_plans[key] = plan
+    return plan
+
+
+def _channel_stats(x3):
+    """(2, C) float64: the per-channel mean and M2 (NaN without values)."""
+    stats = np.empty((2, x3.shape[1]))
+    if x3.size == 0:
+        stats.fill(np.nan)
+        return stats
+    plan = _small_rows_plan(x3) or _plan("moments", x3, 1)
+    _KERNELS["moments", plan.kind](plan, x3.size, _view(plan, x3), stats)
+    return stats
+
+
+def channel_moments(x3):
+    stats = _channel_stats(x3)
+    return stats[0], stats[1]
+
+
+def moments(x3, mean, var):
+    stats = _channel_stats(x3)
+    count = float(x3.shape[0] * x3.shape[2])
+    if _direct(mean) is not None and _direct(var) is not None:
+        _write_moments(stats, count, mean, var)
+        return
+    with np.errstate(over="ignore", invalid="ignore"):
+        mean[...] = stats[0]
+        var[...] = stats[1] / count
+
+
+def forward_train(x3, weight, bias, eps, momentum, running_mean, running_var, activation,
+                  residual3, warn, y3, mean, invstd):
+    channels = x3.shape[1]
+    if channels == 0:
+        return
+    eps = float(eps)
+    stats = np.empty((2, channels))
+    plan = _small_rows_plan(x3) or _plan("forward_train", x3, 1 if residual3 is None else 2)
+    y = _Output(plan, y3)
+    _KERNELS["forward_train", plan.kind](
+        plan, x3.size, _view(plan, x3), _float64(weight, channels, 1.0),
+        _float64(bias, channels, 0.0), eps, _input(plan, residual3),
+        _ACTIVATION_TAGS[activation], y.view, stats)
+    y.done()
+    if _direct(mean) is not None and _direct(invstd) is not None:
+        _write_forward_stats(stats, eps, mean, invstd)
+    else:
+        with np.errstate(over="ignore", divide="ignore"):
+            mean[...] = stats[0]
+            invstd[...] = 1.0 / np.sqrt(stats[1] + eps)
+    if running_mean is not None:
+        update_running_stats(running_mean, running_var, stats[0], stats[1],
+                             x3.shape[0] * x3.shape[2], momentum, warn)
+
+
+def forward_eval(x3, weight, bias, running_mean, running_var, eps, activation, residual3, y3,
+                 mean, invstd):
+    channels = x3.shape[1]
+    eps = float(eps)
+    coefficients = np.empty((4, channels))
+    direct = _direct(mean) is not None and _direct(invstd) is not None
+    _eval_coefficients(_float64(running_mean, channels, 0.0),
+                       _float64(running_var, channels, 1.0), _float64(weight, channels, 1.0),
+                       _float64(bias, channels, 0.0), eps, coefficients,
+                       mean if direct else coefficients[0], invstd if direct else coefficients[3])
+    if not direct:
+        with np.errstate(over="ignore"):
+            mean[...] = coefficients[0]
+            invstd[...] = coefficients[3]
+    if x3.size == 0:
+        return
+    plan = _small_rows_plan(x3) or _plan("forward_eval", x3, 1)
+    y = _Output(plan, y3)
+    _KERNELS["forward_eval", plan.kind](plan, x3.size, _view(plan, x3), coefficients,
+                                        _input(plan, residual3), _ACTIVATION_TAGS[activation],
+                                        y.view)
+    y.done()
+
+
+def backward(dy3, x3, mean, invstd, weight, training, activation, y3, dx3, dgamma, dbeta,
+             dresidual3):
+    channels = x3.shape[1]
+    sums = np.zeros((2, channels))
+    if x3.size != 0:
+        act = _ACTIVATION_TAGS[activation]
+        if act is None:
+            y3 = None      # the derivative needs y only through an activation
+        plan = _small_rows_plan(x3) or _plan("backward", x3, 2 if y3 is None else 3)
+        dx = _Output(plan, dx3)
+        dres = _Output(plan, dresidual3)
+        _KERNELS["backward", plan.kind](plan, x3.size, _input(plan, dy3), _view(plan, x3),
+                                        _input(plan, y3), act, _float64(mean, channels, 0.0),
+                                        _float64(invstd, channels, 1.0),
+                                        _float64(weight, channels, 1.0), bool(training),
+                                        dx.view, dres.view, sums)
+        dx.done()
+        dres.done()
+    _store_pair(sums, dbeta, dgamma)
+
+
+def backward_reduce(dy3, x3, mean):
+    channels = x3.shape[1]
+    if x3.size == 0:
+        return np.zeros((3, channels))
+    plan = _plan("backward_reduce", x3, 2)
+    return _KERNELS["backward_reduce", plan.kind](plan, x3.size, _input(plan, dy3),
+                                                  _view(plan, x3), None, None,
+                                                  _float64(mean, channels, 0.0))
+
+
+def backward_apply(dy3, x3, mean, scale, mean_dy, coef, dx3):
+    channels = x3.shape[1]
+    if x3.size == 0:
+        return
+    coefficients = np.empty((4, channels))
+    coefficients[0] = mean
+    coefficients[1] = scale
+    coefficients[2] = mean_dy
+    coefficients[3] = coef
+    plan = _plan("backward_apply", x3, 2)
+    dx = _Output(plan, dx3)
+    _KERNELS["backward_apply", plan.kind](plan, x3.size, _input(plan, dy3), _view(plan, x3),
+                                          None, None, coefficients, dx.view, None)
+    dx.done()
+
+
+def update_running_stats(running_mean, running_var, mean, var, count, momentum, warn):
+    """As reference.update_running_stats (the same arithmetic), in one compiled loop for
+    contiguous float32/float64 running statistics whose new values are all finite."""
+    if (_direct(running_mean) is not None and _direct(running_var) is not None
+            and _running_update(running_mean, running_var,
+                                _float64(mean, running_mean.shape[0], 0.0),
+                                _float64(var, running_mean.shape[0], 0.0), float(count),
+                                float(momentum)) == 0):
+        return
+    reference.update_running_stats(running_mean, running_var, mean, var, count, momentum, warn)
