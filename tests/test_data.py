@@ -186,6 +186,26 @@ def test_data_dir_errors(tmp_path, rng):
         load_dataset("cifar", tmp_path)
 
 
+@pytest.mark.parametrize("present", [0, 1], ids=["images-only", "labels-only"])
+def test_data_dir_with_half_a_test_split_is_an_error(tmp_path, rng, present):
+    images, labels = fake_split(rng, 2500)
+    write_split(tmp_path, "train", images, labels)
+    stems = mnist_module.SPLIT_FILES["test"]
+    write_idx(tmp_path / (stems[present] + ".gz"), (images, labels)[present][:20])
+    with pytest.raises(data.DataError, match=f"found {stems[present]}.gz but not "
+                                             f"{stems[1 - present]}"):
+        load_dataset("mnist", tmp_path)
+
+
+def test_held_out_split_needs_more_than_100_per_class(tmp_path, rng):
+    images, labels = fake_split(rng, 1000)                # exactly 100 per class
+    write_split(tmp_path, "train", images, labels)
+    with pytest.raises(data.DataError, match=r"more than 100; got \(class: count\) 0: 100"):
+        load_dataset("mnist", tmp_path)
+    write_split(tmp_path, "train", *fake_split(rng, 1010))   # 101 per class: 1 left each
+    assert load_dataset("mnist", tmp_path).sizes == {"train": 10, "test": 1000}
+
+
 def test_cache_dir_from_environment(tmp_path, rng, monkeypatch):
     monkeypatch.setenv("FASTBN_DATA", str(tmp_path))
     assert data.default_cache_dir() == tmp_path
