@@ -1,10 +1,17 @@
 """Shared test configuration.
 
-The backend-parametrized suites (test_backends.py, test_errors.py) run on the backends named in
-FASTBN_TEST_BACKENDS (comma-separated; default "cpu"). The CUDA lane runs the same suites with
-FASTBN_TEST_BACKENDS=cuda, under NUMBA_ENABLE_CUDASIM=1 in CI or on a real GPU.
+The backend-parametrized suites (test_backends.py, test_errors.py, test_invariants.py,
+test_fused.py) run on the backends named in FASTBN_TEST_BACKENDS (comma-separated; default
+"cpu"). The CUDA lane runs the same suites with FASTBN_TEST_BACKENDS=cuda, under
+NUMBA_ENABLE_CUDASIM=1 in CI or on a real GPU.
+
+PyTorch is the independent oracle, and it must not vanish silently: the session fails when any
+test skips for lack of torch, and when CI is set and torch is not importable (set
+FASTBN_ALLOW_NO_TORCH=1 to run without it on purpose).
 """
+import importlib.util
 import os
+import re
 import sys
 
 import numpy as np
@@ -45,3 +52,49 @@ def backend(request):
 @pytest.fixture
 def rng():
     return np.random.default_rng(12345)
+
+
+# ----------------------------------------------------------------------------------------------
+# the PyTorch oracle must not vanish silently
+
+_NO_TORCH = re.compile(r"(could not import|no module named|not installed)\W+torch\b|"
+                       r"\btorch\b.*(not installed|not importable|is missing)", re.IGNORECASE)
+_skipped_for_torch = []
+
+
+def _skip_reason(report):
+    longrepr = report.longrepr
+    if isinstance(longrepr, tuple) and len(longrepr) == 3:
+        return str(longrepr[2])
+    return str(longrepr)
+
+
+def pytest_runtest_logreport(report):
+    if report.skipped and _NO_TORCH.search(_skip_reason(report)):
+        _skipped_for_torch.append(f"{report.nodeid}: {_skip_reason(report)}")
+
+
+def _torch_problems():
+    if os.environ.get("FASTBN_ALLOW_NO_TORCH"):
+        return []
+    problems = []
+    if os.environ.get("CI") and importlib.util.find_spec("torch") is None:
+        problems.append("CI is set but torch is not importable: the PyTorch oracle tests "
+                        "cannot run (pip install -e \".[torch]\")")
+    if _skipped_for_torch:
+        problems.append(f"{len(_skipped_for_torch)} test(s) skipped for lack of torch:\n  "
+                        + "\n  ".join(_skipped_for_torch[:20]))
+    return problems
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _torch_problems() and session.exitstatus == 0:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter):
+    problems = _torch_problems()
+    if problems:
+        terminalreporter.section("the PyTorch oracle is missing: this session FAILS", red=True)
+        for problem in problems:
+            terminalreporter.line(problem, red=True)

@@ -2,6 +2,7 @@
 import subprocess
 import sys
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -112,9 +113,31 @@ def test_importing_fastbn_touches_no_gpu_and_no_mpi():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def _compiled_signatures():
+    from numba.core.dispatcher import Dispatcher
+    from fastbn.backends import cpu
+    count = 0
+    for value in vars(cpu).values():
+        for item in (value if isinstance(value, tuple) else (value,)):
+            if isinstance(item, Dispatcher):
+                count += len(item.signatures)
+    return count
+
+
 def test_warmup_compiles_and_reports_seconds():
+    start = time.perf_counter()
     seconds = fastbn.warmup(dtypes=("float64",))
-    assert seconds >= 0
+    assert 0 < seconds <= time.perf_counter() - start
+    # the warmed paths need nothing more: a first call on them adds no compiled signature
+    before = _compiled_signatures()
+    assert before > 0
+    x = np.random.default_rng(0).standard_normal((7, 5))
+    rm, rv, ones = np.zeros(5), np.ones(5), np.ones(5)
+    out = fastbn.batch_norm_forward(x, ones, ones, running_mean=rm, running_var=rv)
+    fastbn.batch_norm_forward(x, ones, ones, training=False, running_mean=rm, running_var=rv)
+    fastbn.batch_norm_backward(out.y, x, out.mean, out.invstd, ones)
+    fastbn.moments(x)
+    assert _compiled_signatures() == before
 
 
 def test_running_moments_state_and_properties(rng):
