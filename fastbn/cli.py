@@ -210,6 +210,17 @@ def _check_plotting():
                          f'"fastbn[paper]" (or pip install matplotlib)') from None
 
 
+def _check_backend(name):
+    """One tiny BN call on --backend, so that a missing GPU or driver is reported now, not
+    after the baseline has trained."""
+    import numpy as np
+    import fastbn
+    try:
+        fastbn.batch_norm_forward(np.ones((2, 1), np.float32), backend=name)
+    except (RuntimeError, ImportError, OSError) as err:
+        raise UsageError(f"--backend {name}: " + " ".join(str(err).split())) from None
+
+
 def _check_data(args, dataset):
     train, test = dataset.sizes["train"], dataset.sizes["test"]
     if args.batch_size > train:
@@ -289,6 +300,7 @@ def _setup(args):
         _check_options(args)
         _check_output(args.out)
         _check_plotting()
+        _check_backend(args.backend)
         dataset = _load_data(args)
         _check_data(args, dataset)
         _make_output(args.out)
@@ -307,6 +319,7 @@ def _setup(args):
         if rank == 0:   # only rank 0 writes
             _check_output(args.out)
             _check_plotting()
+        _check_backend(args.backend)
     except Exception as exc:
         error = exc
     distributed._agree(comm, op_name, error, (), 0)

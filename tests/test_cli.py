@@ -171,3 +171,17 @@ def test_figures_are_written_atomically(tmp_path, capsys, small_data, monkeypatc
                   "--out", str(out), "--quiet"])
     names = sorted(p.name for p in out.iterdir())
     assert names == ["figure1a_test_accuracy.png", "metrics.json"], names
+
+
+def test_an_unusable_backend_is_reported_before_training(tmp_path, capsys, no_training):
+    import fastbn
+    try:
+        fastbn.batch_norm_forward(np.ones((2, 1), np.float32), backend="cuda")
+    except RuntimeError:
+        pass
+    else:
+        pytest.skip("the cuda backend works here")
+    status, _, err = run(capsys, "paper", "--backend", "cuda", "--out", str(tmp_path / "out"),
+                         "--quiet")
+    assert_one_line_error(status, err, "--backend cuda", "GPU")
+    assert not (tmp_path / "out").exists()
