@@ -8,7 +8,8 @@ machine hits them alike) after warm-up, reported as medians:
   forward under ``torch.inference_mode``. PyTorch's BN against ``fastbn.torch.convert(model)``
   (BN->ReLU and BN->add->ReLU fused), in NCHW and channels_last.
 * layers: one BatchNorm2d, forward (training mode) and backward, ``torch.nn.BatchNorm2d`` against
-  ``fastbn.torch.BatchNorm2d``, on the feature maps of that model.
+  ``fastbn.torch.BatchNorm2d``, on the feature maps of that model; and a BatchNorm1d on an MLP
+  batch of 60x100, where the per-call overhead (dispatch, validation) dominates.
 
 Ratios are PyTorch time / fastbn time: 1.00x = equal, higher = fastbn faster.
 
@@ -176,9 +177,10 @@ def layer_variants(shape, memory_format):
     generator = torch.Generator().manual_seed(1)
     x = torch.randn(shape, generator=generator).to(memory_format=memory_format)
     dy = torch.randn(shape, generator=generator).to(memory_format=memory_format)
+    torch_cls, fast_cls = ((nn.BatchNorm2d, fbt.BatchNorm2d) if len(shape) == 4
+                           else (nn.BatchNorm1d, fbt.BatchNorm1d))
     variants = {}
-    for name, module in (("torch", nn.BatchNorm2d(shape[1])),
-                         ("fastbn", fbt.BatchNorm2d(shape[1]))):
+    for name, module in (("torch", torch_cls(shape[1])), ("fastbn", fast_cls(shape[1]))):
         x_grad = x.clone().requires_grad_()
         graph = {"y": module(x_grad)}
 
@@ -214,8 +216,9 @@ def main(argv=None):
     if args.quick:
         args.rounds, args.warmup, args.batch, args.width = 2, 1, 4, 4
     set_threads(args.threads)
-    import fastbn
-    fastbn.warmup()
+    if not args.quick:
+        import fastbn
+        fastbn.warmup()  # load (or compile) every kernel now; the warm-up rounds do the rest
     results = {"method": {"rounds": args.rounds, "warmup": args.warmup, "batch": args.batch,
                           "width": args.width, "input": [args.batch, 3, 32, 32],
                           "statistic": "median of interleaved rounds",
@@ -234,9 +237,10 @@ def main(argv=None):
               f"{row['inference_speedup']:.2f}x", flush=True)
     width = args.width
     shapes = [(args.batch, width, 32, 32), (args.batch, 2 * width, 16, 16),
-              (args.batch, 4 * width, 8, 8)]
+              (args.batch, 4 * width, 8, 8), (60, 100)]
     for shape in shapes:
-        for format_name, memory_format in FORMATS.items():
+        formats = FORMATS if len(shape) == 4 else {"NC": torch.contiguous_format}
+        for format_name, memory_format in formats.items():
             medians, _ = interleaved(layer_variants(shape, memory_format), 3 * args.rounds,
                                      args.warmup)
             row = {"shape": list(shape), "layout": format_name,

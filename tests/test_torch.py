@@ -663,3 +663,22 @@ def test_import_without_torch_says_how_to_install():
                             text=True)
     assert 'pip install -e ".[torch]"' in result.stdout
     assert "pip install torch" in result.stdout
+
+
+def test_bench_torch_quick_runs(tmp_path):
+    """The benchmark, tiny, once: so that it cannot rot (the real run: docs/torch.md)."""
+    import json
+
+    import numba
+
+    from benchmarks import bench_torch
+    threads = torch.get_num_threads(), numba.get_num_threads()
+    try:
+        bench_torch.main(["--quick", "--json", str(tmp_path / "torch.json")])
+    finally:
+        torch.set_num_threads(threads[0])
+        numba.set_num_threads(threads[1])
+    results = json.loads((tmp_path / "torch.json").read_text())
+    assert {row["layout"] for row in results["model"]} == {"NCHW", "channels_last"}
+    assert all(row["train_speedup"] > 0 for row in results["model"])
+    assert len(results["layers"]) == 7 and results["machine"]["cpu"]
