@@ -235,7 +235,9 @@ def fastbn_variant(t, stream=None):
     eval_mean = cuda.to_device(t.running_mean.astype(sdtype))
     eval_var = cuda.to_device(t.running_var.astype(sdtype))
     y, dx = be.empty_like(t.d_x), be.empty_like(t.d_x)
-    mean, invstd, dgamma, dbeta = (cuda.device_array(t.case.channels, sdtype) for _ in range(4))
+    # every output preallocated: a call inside a CUDA graph capture must not allocate
+    mean, invstd, dgamma, dbeta, eval_mean_out, eval_invstd_out = (
+        cuda.device_array(t.case.channels, sdtype) for _ in range(6))
     saved = fastbn.batch_norm_forward(t.d_x, gamma, beta, eps=EPS, stream=stream)
 
     def fwd_train():
@@ -246,7 +248,7 @@ def fastbn_variant(t, stream=None):
     def eval_():
         return fastbn.batch_norm_forward(t.d_x, gamma, beta, eps=EPS, training=False,
                                          running_mean=eval_mean, running_var=eval_var,
-                                         out=(y, None, None), stream=stream)
+                                         out=(y, eval_mean_out, eval_invstd_out), stream=stream)
 
     def backward():
         return fastbn.batch_norm_backward(t.d_dy, t.d_x, saved.mean, saved.invstd, gamma,

@@ -372,9 +372,11 @@ def test_statistics_with_a_huge_offset_or_an_outlier_first(small_launch, shape, 
     np.testing.assert_allclose(_host(mean), exact.mean(axis=(0, 2)), rtol=1e-7)
     np.testing.assert_allclose(_host(var), exact.var(axis=(0, 2)), rtol=2e-6)
     got_mean, got_m2 = _cuda_backend().channel_moments(cuda.to_device(x))
-    np.testing.assert_allclose(_host(got_mean), exact.mean(axis=(0, 2)), rtol=1e-14)
+    f64 = np.finfo(np.float64).eps
+    np.testing.assert_allclose(_host(got_mean), exact.mean(axis=(0, 2)), rtol=4 * f64,
+                               atol=8 * f64 * float(np.abs(exact).max()))
     np.testing.assert_allclose(_host(got_m2), ((exact - exact.mean(axis=(0, 2))[None, :, None])
-                                               ** 2).sum(axis=(0, 2)), rtol=1e-9)
+                                               ** 2).sum(axis=(0, 2)), rtol=64 * f64)
     out = fastbn.batch_norm_forward(cuda.to_device(x))
     ref = fastbn.batch_norm_forward(x, backend="reference")
     # y's conditioning: an ulp of the data's magnitude, over the spread
@@ -1135,12 +1137,14 @@ def test_gpu_forward_and_backward_capture_in_a_cuda_graph():
     t_x, t_dy = torch.from_numpy(x).cuda(), torch.from_numpy(dy).cuda()
     y, mean, invstd = (torch.empty_like(t_x), torch.empty(16, device="cuda"),
                        torch.empty(16, device="cuda"))
-    dx = torch.empty_like(t_x)
+    # every output preallocated: nothing may allocate inside the capture
+    dx, dgamma, dbeta = torch.empty_like(t_x), torch.empty(16, device="cuda"), \
+        torch.empty(16, device="cuda")
     stream = torch.cuda.Stream()
 
     def step():
         fastbn.batch_norm_forward(t_x, out=(y, mean, invstd), stream=stream.cuda_stream)
-        fastbn.batch_norm_backward(t_dy, t_x, mean, invstd, out=(dx, None, None),
+        fastbn.batch_norm_backward(t_dy, t_x, mean, invstd, out=(dx, dgamma, dbeta),
                                    stream=stream.cuda_stream)
 
     with torch.cuda.stream(stream):
@@ -1150,9 +1154,15 @@ def test_gpu_forward_and_backward_capture_in_a_cuda_graph():
     with torch.cuda.graph(graph, stream=stream):
         step()
     y.zero_()
+    dx.zero_()
     graph.replay()
     torch.cuda.synchronize()
-    _close(y.cpu().numpy(), fastbn.batch_norm_forward(x, backend="reference").y, "float32")
+    ref = fastbn.batch_norm_forward(x, backend="reference")
+    _close(y.cpu().numpy(), ref.y, "float32")
+    ref_grads = fastbn.batch_norm_backward(dy, x, ref.mean, ref.invstd, backend="reference")
+    _check_grads(SimpleNamespace(dx=dx.cpu().numpy(), dgamma=dgamma.cpu().numpy(),
+                                 dbeta=dbeta.cpu().numpy()), ref_grads, x, dy, np.ones(16),
+                 ref.invstd, "float32")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -206,31 +206,41 @@ ACTIVATION_CODES = {None: 0, "relu": 1, "sigmoid": 2}
 # device functions
 
 @cuda.jit(device=True, inline=True)
-def _chan_merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
-    """Merge two (count, mean, M2) summaries (Chan, Golub & LeVeque 1979)."""
+def _chan_merge(n_a, shift_a, offset_a, m2_a, n_b, shift_b, offset_b, m2_b):
+    """Merge two (count, shift, offset, M2) summaries, mean = shift + offset (Chan, Golub &
+    LeVeque 1979). The shift is a data value (or another summary's shift), the offset small:
+    the difference of two shifts of clustered data is exact, so the means' difference keeps
+    the offsets' precision instead of an ulp of the data's magnitude."""
     if n_b == 0.0:
-        return n_a, mean_a, m2_a
+        return n_a, shift_a, offset_a, m2_a
     if n_a == 0.0:
-        return n_b, mean_b, m2_b
+        return n_b, shift_b, offset_b, m2_b
     n = n_a + n_b
-    delta = mean_b - mean_a
-    return n, mean_a + delta * (n_b / n), m2_a + m2_b + delta * delta * (n_a * n_b / n)
+    delta = (shift_b - shift_a) + (offset_b - offset_a)
+    return (n, shift_a, offset_a + delta * (n_b / n),
+            m2_a + m2_b + delta * delta * (n_a * n_b / n))
 
 
 @cuda.jit(device=True, inline=True)
-def _from_shifted_sums(n, shift, total, total_sq):
-    """(count, mean, M2) of n values whose deviations from ``shift`` sum to total, total_sq."""
-    if n == 0:
-        return 0.0, 0.0, 0.0
-    offset = total / n
-    m2 = total_sq - total * offset
-    if m2 < 0.0:       # rounding; NaN stays NaN
-        m2 = 0.0
-    return np.float64(n), shift + offset, m2
+def _fold_batch(n, shift, offset, m2, k, m, s1, s2):
+    """A thread's summary with a batch of m values folded in, whose deviations from k sum to s1
+    and whose squares sum to s2. k is the summary's mean so far (the first value for the first
+    batch), so the s2 - s1^2/m cancellation stays small even after an outlier first value."""
+    if m == 0:
+        return n, shift, offset, m2
+    count = np.float64(m)
+    batch_offset = s1 / count
+    batch_m2 = s2 - s1 * batch_offset
+    if n == 0.0:
+        return count, k, batch_offset, batch_m2
+    total = n + count
+    delta = ((k - shift) - offset) + batch_offset
+    return (total, shift, offset + delta * (count / total),
+            m2 + batch_m2 + delta * delta * (n * count / total))
 
 
 @cuda.jit(device=True)
-def _block_merge_moments(sh_n, sh_mean, sh_m2, tid, width, groups):
+def _block_merge_moments(sh_n, sh_shift, sh_offset, sh_m2, tid, width, groups):
     """Tree-merge slots ``tid % width + k * width`` (k < groups, a power of two) into slot
     ``tid % width``, in a fixed order. Every thread of the block must call it."""
     group = tid // width
@@ -238,10 +248,12 @@ def _block_merge_moments(sh_n, sh_mean, sh_m2, tid, width, groups):
     while stride > 0:
         if group < stride:
             other = tid + stride * width
-            n, mean, m2 = _chan_merge(sh_n[tid], sh_mean[tid], sh_m2[tid],
-                                      sh_n[other], sh_mean[other], sh_m2[other])
+            n, shift, offset, m2 = _chan_merge(sh_n[tid], sh_shift[tid], sh_offset[tid],
+                                               sh_m2[tid], sh_n[other], sh_shift[other],
+                                               sh_offset[other], sh_m2[other])
             sh_n[tid] = n
-            sh_mean[tid] = mean
+            sh_shift[tid] = shift
+            sh_offset[tid] = offset
             sh_m2[tid] = m2
         cuda.syncthreads()
         stride //= 2
@@ -330,9 +342,12 @@ def _update_running(c, running_mean, running_var, mean, biased_var, momentum, un
 
 
 @cuda.jit(device=True, inline=True)
-def _finish_stats(c, n, mean, m2, mode, eps, out_a, out_b, stat, has_running, running_mean,
-                  running_var, momentum, unbias, limit_mean, limit_var, flags):
-    """What a channel's last block writes from its merged (count, mean, M2)."""
+def _finish_stats(c, n, shift, offset, m2, mode, eps, out_a, out_b, stat, has_running,
+                  running_mean, running_var, momentum, unbias, limit_mean, limit_var, flags):
+    """What a channel's last block writes from its merged (count, shift, offset, M2)."""
+    mean = shift + offset
+    if m2 < 0.0:                  # rounding; NaN stays NaN
+        m2 = 0.0
     if n == 0.0:                  # no values: NaN statistics (as the reference)
         out_a[c] = math.nan
         out_b[c] = math.nan
@@ -410,7 +425,8 @@ def kernel_functions(tpb, unroll):
         pieces = channels * splits
         tid = cuda.threadIdx.x
         sh_n = cuda.shared.array(tpb, np.float64)
-        sh_mean = cuda.shared.array(tpb, np.float64)
+        sh_shift = cuda.shared.array(tpb, np.float64)
+        sh_offset = cuda.shared.array(tpb, np.float64)
         sh_m2 = cuda.shared.array(tpb, np.float64)
         sh_last = cuda.shared.array(1, np.int32)
         vals = cuda.local.array(unroll, np.float64)
@@ -420,15 +436,13 @@ def kernel_functions(tpb, unroll):
             c = item // splits
             start = (item - c * splits) * chunk
             end = min(start + chunk, count)
-            n = 0
+            n = 0.0
             shift = 0.0
-            total = 0.0
-            total_sq = 0.0
+            offset = 0.0
+            m2 = 0.0
             e = start + tid
             o = e // inner
             i = e - o * inner
-            if e < end:
-                shift = np.float64(x[o, c, i])
             while e < end:
                 for u in range(unroll):
                     if e + u * tpb < end:
@@ -438,52 +452,63 @@ def kernel_functions(tpb, unroll):
                     if i >= inner:
                         i -= inner
                         o += 1
+                k = shift + offset if n > 0.0 else vals[0]
+                s1 = 0.0
+                s2 = 0.0
+                m = 0
                 for u in range(unroll):
                     if e + u * tpb < end:
-                        d = vals[u] - shift
-                        total += d
-                        total_sq += d * d
-                        n += 1
+                        d = vals[u] - k
+                        s1 += d
+                        s2 += d * d
+                        m += 1
+                n, shift, offset, m2 = _fold_batch(n, shift, offset, m2, k, m, s1, s2)
                 e += unroll * tpb
-            n_f, mean, m2 = _from_shifted_sums(n, shift, total, total_sq)
-            sh_n[tid] = n_f
-            sh_mean[tid] = mean
+            sh_n[tid] = n
+            sh_shift[tid] = shift
+            sh_offset[tid] = offset
             sh_m2[tid] = m2
             cuda.syncthreads()
-            _block_merge_moments(sh_n, sh_mean, sh_m2, tid, 1, tpb)
+            _block_merge_moments(sh_n, sh_shift, sh_offset, sh_m2, tid, 1, tpb)
             if splits == 1:
                 if tid == 0:
-                    _finish_stats(c, sh_n[0], sh_mean[0], sh_m2[0], mode, eps, out_a, out_b,
-                                  stat, has_running, running_mean, running_var, momentum,
-                                  unbias, limit_mean, limit_var, flags)
+                    _finish_stats(c, sh_n[0], sh_shift[0], sh_offset[0], sh_m2[0], mode, eps,
+                                  out_a, out_b, stat, has_running, running_mean, running_var,
+                                  momentum, unbias, limit_mean, limit_var, flags)
             else:
                 if tid == 0:
                     part[item] = sh_n[0]
-                    part[pieces + item] = sh_mean[0]
-                    part[2 * pieces + item] = sh_m2[0]
+                    part[pieces + item] = sh_shift[0]
+                    part[2 * pieces + item] = sh_offset[0]
+                    part[3 * pieces + item] = sh_m2[0]
                     cuda.threadfence()
                     sh_last[0] = cuda.atomic.add(counter, c, 1) == splits - 1
                 cuda.syncthreads()
                 if sh_last[0]:
                     cuda.threadfence()
-                    n_f = 0.0
-                    mean = 0.0
+                    n = 0.0
+                    shift = 0.0
+                    offset = 0.0
                     m2 = 0.0
-                    for s in range(tid, splits, tpb):      # a fixed order, whoever is last
-                        w = c * splits + s
-                        n_f, mean, m2 = _chan_merge(
-                            n_f, mean, m2, _coherent_load(part, w),
-                            _coherent_load(part, pieces + w), _coherent_load(part, 2 * pieces + w))
-                    sh_n[tid] = n_f
-                    sh_mean[tid] = mean
+                    for p in range(tid, splits, tpb):      # a fixed order, whoever is last
+                        w = c * splits + p
+                        n, shift, offset, m2 = _chan_merge(
+                            n, shift, offset, m2, _coherent_load(part, w),
+                            _coherent_load(part, pieces + w),
+                            _coherent_load(part, 2 * pieces + w),
+                            _coherent_load(part, 3 * pieces + w))
+                    sh_n[tid] = n
+                    sh_shift[tid] = shift
+                    sh_offset[tid] = offset
                     sh_m2[tid] = m2
                     cuda.syncthreads()
-                    _block_merge_moments(sh_n, sh_mean, sh_m2, tid, 1, tpb)
+                    _block_merge_moments(sh_n, sh_shift, sh_offset, sh_m2, tid, 1, tpb)
                     if tid == 0:
                         counter[c] = 0
-                        _finish_stats(c, sh_n[0], sh_mean[0], sh_m2[0], mode, eps, out_a,
-                                      out_b, stat, has_running, running_mean, running_var,
-                                      momentum, unbias, limit_mean, limit_var, flags)
+                        _finish_stats(c, sh_n[0], sh_shift[0], sh_offset[0], sh_m2[0], mode,
+                                      eps, out_a, out_b, stat, has_running, running_mean,
+                                      running_var, momentum, unbias, limit_mean, limit_var,
+                                      flags)
             cuda.syncthreads()
 
     def stats_channels_last(x, tile, rows_per_split, splits, part, counter, mode, eps, out_a,
@@ -497,7 +522,8 @@ def kernel_functions(tpb, unroll):
         row_threads = tpb // tile
         tiles = (channels + tile - 1) // tile
         sh_n = cuda.shared.array(tpb, np.float64)
-        sh_mean = cuda.shared.array(tpb, np.float64)
+        sh_shift = cuda.shared.array(tpb, np.float64)
+        sh_offset = cuda.shared.array(tpb, np.float64)
         sh_m2 = cuda.shared.array(tpb, np.float64)
         sh_last = cuda.shared.array(1, np.int32)
         vals = cuda.local.array(unroll, np.float64)
@@ -507,41 +533,45 @@ def kernel_functions(tpb, unroll):
             c = t * tile + lane
             r = s * rows_per_split + row0
             end = min((s + 1) * rows_per_split, rows)
-            n = 0
+            n = 0.0
             shift = 0.0
-            total = 0.0
-            total_sq = 0.0
+            offset = 0.0
+            m2 = 0.0
             if c < channels:
-                if r < end:
-                    shift = np.float64(x[r, c, 0])
                 while r < end:
                     for u in range(unroll):
                         if r + u * row_threads < end:
                             vals[u] = np.float64(x[r + u * row_threads, c, 0])
+                    k = shift + offset if n > 0.0 else vals[0]
+                    s1 = 0.0
+                    s2 = 0.0
+                    m = 0
                     for u in range(unroll):
                         if r + u * row_threads < end:
-                            d = vals[u] - shift
-                            total += d
-                            total_sq += d * d
-                            n += 1
+                            d = vals[u] - k
+                            s1 += d
+                            s2 += d * d
+                            m += 1
+                    n, shift, offset, m2 = _fold_batch(n, shift, offset, m2, k, m, s1, s2)
                     r += unroll * row_threads
-            n_f, mean, m2 = _from_shifted_sums(n, shift, total, total_sq)
-            sh_n[tid] = n_f
-            sh_mean[tid] = mean
+            sh_n[tid] = n
+            sh_shift[tid] = shift
+            sh_offset[tid] = offset
             sh_m2[tid] = m2
             cuda.syncthreads()
-            _block_merge_moments(sh_n, sh_mean, sh_m2, tid, tile, row_threads)
+            _block_merge_moments(sh_n, sh_shift, sh_offset, sh_m2, tid, tile, row_threads)
             if splits == 1:
                 if row0 == 0 and c < channels:
-                    _finish_stats(c, sh_n[lane], sh_mean[lane], sh_m2[lane], mode, eps, out_a,
-                                  out_b, stat, has_running, running_mean, running_var, momentum,
-                                  unbias, limit_mean, limit_var, flags)
+                    _finish_stats(c, sh_n[lane], sh_shift[lane], sh_offset[lane], sh_m2[lane],
+                                  mode, eps, out_a, out_b, stat, has_running, running_mean,
+                                  running_var, momentum, unbias, limit_mean, limit_var, flags)
             else:
                 if row0 == 0 and c < channels:
                     w = c * splits + s
                     part[w] = sh_n[lane]
-                    part[pieces + w] = sh_mean[lane]
-                    part[2 * pieces + w] = sh_m2[lane]
+                    part[pieces + w] = sh_shift[lane]
+                    part[2 * pieces + w] = sh_offset[lane]
+                    part[3 * pieces + w] = sh_m2[lane]
                     cuda.threadfence()
                 cuda.syncthreads()
                 if tid == 0:
@@ -549,28 +579,32 @@ def kernel_functions(tpb, unroll):
                 cuda.syncthreads()
                 if sh_last[0]:
                     cuda.threadfence()
-                    n_f = 0.0
-                    mean = 0.0
+                    n = 0.0
+                    shift = 0.0
+                    offset = 0.0
                     m2 = 0.0
                     if c < channels:
                         for p in range(row0, splits, row_threads):
                             w = c * splits + p
-                            n_f, mean, m2 = _chan_merge(
-                                n_f, mean, m2, _coherent_load(part, w),
+                            n, shift, offset, m2 = _chan_merge(
+                                n, shift, offset, m2, _coherent_load(part, w),
                                 _coherent_load(part, pieces + w),
-                                _coherent_load(part, 2 * pieces + w))
-                    sh_n[tid] = n_f
-                    sh_mean[tid] = mean
+                                _coherent_load(part, 2 * pieces + w),
+                                _coherent_load(part, 3 * pieces + w))
+                    sh_n[tid] = n
+                    sh_shift[tid] = shift
+                    sh_offset[tid] = offset
                     sh_m2[tid] = m2
                     cuda.syncthreads()
-                    _block_merge_moments(sh_n, sh_mean, sh_m2, tid, tile, row_threads)
+                    _block_merge_moments(sh_n, sh_shift, sh_offset, sh_m2, tid, tile,
+                                         row_threads)
                     if tid == 0:
                         counter[t] = 0
                     if row0 == 0 and c < channels:
-                        _finish_stats(c, sh_n[lane], sh_mean[lane], sh_m2[lane], mode, eps,
-                                      out_a, out_b, stat, has_running, running_mean,
-                                      running_var, momentum, unbias, limit_mean, limit_var,
-                                      flags)
+                        _finish_stats(c, sh_n[lane], sh_shift[lane], sh_offset[lane],
+                                      sh_m2[lane], mode, eps, out_a, out_b, stat, has_running,
+                                      running_mean, running_var, momentum, unbias, limit_mean,
+                                      limit_var, flags)
             cuda.syncthreads()
 
     # ---- element-wise: y = act((x - mean) invstd gamma + beta + residual) --------------------
@@ -1007,8 +1041,9 @@ def _stream_key(stream):
 
 
 # ----------------------------------------------------------------------------------------------
-# scratch: partials, counters, float64 statistics and coefficients, cached per device, stream
-# and (power-of-two) size; counters are zeroed once, and every kernel leaves them at zero
+# scratch: partials, counters, float64 statistics and coefficients, cached per device, stream,
+# host thread and (power-of-two) size; counters are zeroed once, and every kernel leaves them
+# at zero
 
 _scratch_cache = {}
 _scratch_lock = threading.Lock()
@@ -1022,7 +1057,9 @@ def _device_id():
 
 def _scratch(kind, size, dtype, stream):
     size = _next_power_of_two(max(int(size), 1))
-    key = (_device_id(), _stream_key(stream), kind, size, np.dtype(dtype).str)
+    # per host thread too: two threads launching on one stream interleave their launches
+    key = (_device_id(), _stream_key(stream), threading.get_ident(), kind, size,
+           np.dtype(dtype).str)
     found = _scratch_cache.get(key)
     if found is None:
         with _scratch_lock:
@@ -1383,7 +1420,20 @@ def to_device(a):
     """a's values in device memory (a numba array; device arrays are returned as they are)."""
     if is_device_array(a):
         return _numba(a)
-    return _to_device(np.ascontiguousarray(a), stream=current_stream())
+    array = _to_device(np.ascontiguousarray(a), stream=current_stream())
+    array._fastbn_host_copy = True      # host data: its call waits on the host anyway
+    return array
+
+
+def _warn_for_host_copies(warn, running_mean):
+    """Running statistics that are device copies of host arrays (the host round trip, which
+    copies them back only after the operation returns) get the host backends' warning, before
+    the caller's arrays change: a warn that raises leaves them unchanged. Running statistics
+    that live on the device only get the on-device record (no host wait)."""
+    if warn is not None and getattr(running_mean, "_fastbn_host_copy", False):
+        skipped = nonfinite_channels()
+        if skipped.size:
+            warn([int(c) for c in skipped])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1417,7 +1467,7 @@ def _reduce_stats(x3, mode, out_a, out_b, stat=None, eps=1.0, running_mean=None,
     limits = (_limit(running_mean.dtype), _limit(running_var.dtype))
     if inner == 1:
         tile, splits, rows_per_split, blocks = plan_channels_last(outer, channels, settings)
-        part = _scratch("part", 3 * channels * splits, np.float64, stream)
+        part = _scratch("part", 4 * channels * splits, np.float64, stream)
         counter = _scratch("counter", _cdiv(channels, tile), np.int32, stream)
         _launch(settings, REDUCTIONS["stats", "channels_last"], blocks, stream, x3, tile,
                 rows_per_split, splits, part, counter, mode, float(eps), out_a, out_b, stat,
@@ -1425,7 +1475,7 @@ def _reduce_stats(x3, mode, out_a, out_b, stat=None, eps=1.0, running_mean=None,
                 *limits, flags)
     else:
         splits, chunk, blocks = plan_channel_major(outer, channels, inner, settings)
-        part = _scratch("part", 3 * channels * splits, np.float64, stream)
+        part = _scratch("part", 4 * channels * splits, np.float64, stream)
         counter = _scratch("counter", channels, np.int32, stream)
         _launch(settings, REDUCTIONS["stats", "channel_major"], blocks, stream, x3, chunk,
                 splits, part, counter, mode, float(eps), out_a, out_b, stat, has_running,
@@ -1472,8 +1522,9 @@ def forward_train(x3, weight, bias, eps, momentum, running_mean, running_var, ac
     """Algorithm 1 (+ activation, residual) in two launches: statistics (whose last block per
     channel writes mean/invstd and updates the running statistics), then normalize.
 
-    ``warn`` is not called (it would need a host wait): channels whose new running statistics
-    would not be finite are left unchanged and recorded on the device (nonfinite_channels())."""
+    Channels whose new running statistics would not be finite are left unchanged and recorded
+    on the device (nonfinite_channels()); ``warn`` is called only for running statistics that
+    are copies of host arrays (the host round trip), as on the host backends."""
     x3, y3, mean, invstd = (_numba(a, n) for a, n in ((x3, "x"), (y3, "y"), (mean, "mean"),
                                                        (invstd, "invstd")))
     weight = None if weight is None else _numba(weight, "gamma")
@@ -1490,6 +1541,7 @@ def forward_train(x3, weight, bias, eps, momentum, running_mean, running_var, ac
     _reduce_stats(x3, STATS_TRAIN, mean, invstd, stat, eps, running_mean, running_var, momentum)
     if x3.size:
         _normalize(x3, stat[0], stat[1], False, eps, weight, bias, activation, residual3, y3)
+    _warn_for_host_copies(warn, running_mean)
 
 
 def forward_eval(x3, weight, bias, running_mean, running_var, eps, activation, residual3, y3,
@@ -1595,7 +1647,7 @@ def backward_apply(dy3, x3, mean, scale, mean_dy, coef, dx3):
 def update_running_stats(running_mean, running_var, mean, var, count, momentum, warn):
     """r = (1 - momentum) r + momentum * batch (unbiased variance), in one launch; channels
     whose new values would not be finite in the running dtype are left unchanged and recorded
-    on the device (nonfinite_channels()); ``warn`` is not called (it would need a host wait)."""
+    on the device (nonfinite_channels()); ``warn`` only for copies of host arrays."""
     running_mean, running_var = _numba(running_mean), _numba(running_var)
     mean, var = _coefficient(mean), _coefficient(var)
     channels = mean.shape[0]
@@ -1610,6 +1662,7 @@ def update_running_stats(running_mean, running_var, mean, var, count, momentum, 
             running_var, mean, var, float(momentum), float(unbias),
             _limit(running_mean.dtype), _limit(running_var.dtype), flags)
     _record_nonfinite(flags, channels, stream)
+    _warn_for_host_copies(warn, running_mean)
 
 
 # ----------------------------------------------------------------------------------------------
