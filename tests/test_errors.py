@@ -293,7 +293,8 @@ def test_forward_refuses_aliased_buffers_and_changes_nothing(backend, kind):
         np.testing.assert_array_equal(old, new)
 
 
-@pytest.mark.parametrize("kind", ["mean is running_mean", "invstd is running_var", "y overlaps running_mean"])
+@pytest.mark.parametrize("kind", ["mean is running_mean", "invstd is running_var",
+                                  "y overlaps running_mean"])
 def test_eval_refuses_outputs_over_its_running_statistics(backend, kind):
     """In eval mode the running statistics are inputs, and out[...] is still written."""
     args, names = _alias_forward(kind)

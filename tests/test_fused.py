@@ -214,7 +214,7 @@ def test_matches_float64_torch_autograd(backend, shape, axis, activation, traini
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("activation", ACTIVATIONS)
-@pytest.mark.parametrize("shape, axis", [((5, 4, 6), 1), ((30, 4), 1), ((4, 5, 4), -1)])
+@pytest.mark.parametrize("shape, axis", [((5, 4, 6), 1), ((4, 5, 4), -1)])
 def test_in_place_y_over_x_and_dx_over_dy(backend, shape, axis, activation, dtype):
     rng = np.random.default_rng(8)
     x = rng.standard_normal(shape).astype(dtype)
