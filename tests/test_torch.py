@@ -577,6 +577,12 @@ def test_convert_keeps_modes_and_options():
             (original.momentum, original.eps, original.affine, original.track_running_stats)
         assert (new.bias is None) == (original.bias is None)
         assert not new.training
+    # a frozen BN inside a training model (fine-tuning) stays frozen, fused or not
+    model = SmallResNet().train()
+    model.layer1.bn1.eval()
+    converted = fbt.convert(model)
+    assert converted.training and converted.layer2.bn1.training
+    assert type(converted.layer1.bn1) is fbt.BatchNormAct2d and not converted.layer1.bn1.training
 
 
 @pytest.mark.parametrize("memory_format", [None, torch.channels_last], ids=["NCHW", "NHWC"])

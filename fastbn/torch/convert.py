@@ -141,7 +141,7 @@ def _try_fuse(module):
         return None  # the trace dropped a parameter or buffer (an unused submodule)
     if _fuse_graph(graph_module) == 0:
         return None
-    graph_module.train(module.training)
+    graph_module.training = module.training  # not .train(): submodules keep their own modes
     return graph_module
 
 
