@@ -497,7 +497,10 @@ def cold_table(cold):
             cells.append(f"**{total:.2f} s**{_mark_above(total, goal)}")
         lines.append(f"| {layout} | {e['dtype']} | " + " | ".join(cells) + " |")
     wu = cold.get("warmup")
-    if wu:
+    if wu and wu.get("cached") is None:
+        lines += ["", f"`fastbn.warmup()` with an empty cache: stopped unfinished after "
+                      f"{wu['cold']['timed_out_s']} s ⚠ (goal ≤ {WARMUP_GOAL_S:.0f} s)."]
+    elif wu:
         after = max(wu["cached"][layout][op] for layout in cold["shapes"] for op in OPERATIONS)
         lines += ["", "| `fastbn.warmup()` | empty cache "
                   f"(goal ≤ {WARMUP_GOAL_S:.0f} s) | from the cache | slowest first call after "
@@ -528,7 +531,10 @@ def cold_summary(cold):
             f"{min(e['cached_first_calls_s'] for e in entries):.3f}–"
             f"{worst_cached['cached_first_calls_s']:.3f} s (goal ≤ {CACHED_GOAL_S} s).")
     wu = cold.get("warmup")
-    if wu:
+    if wu and wu.get("cached") is None:
+        text += (f" `fastbn.warmup()` with an empty cache did not finish within "
+                 f"{wu['cold']['timed_out_s']} s (goal ≤ {WARMUP_GOAL_S:.0f} s).")
+    elif wu:
         text += (f" `fastbn.warmup()`: {wu['cold']['warmup_s']:.1f} s with an empty cache "
                  f"(goal ≤ {WARMUP_GOAL_S:.0f} s), {wu['cached']['warmup_s']:.2f} s from it.")
     return text
@@ -751,6 +757,8 @@ def main(argv=None):
     ap.add_argument("--small-threads", default="1,2", help="thread counts of the small section")
     ap.add_argument("--trainer-steps", type=int, default=200)
     ap.add_argument("--trainer-repeats", type=int, default=11)
+    ap.add_argument("--warmup-timeout", type=int, default=300, help="seconds the cold "
+                    "fastbn.warmup() may take before it is stopped (and reported as such)")
     ap.add_argument("--no-scaling", action="store_true", help="leave out the scaling section")
     ap.add_argument("--no-compile", action="store_true", help="leave out the cold section")
     ap.add_argument("--no-docs", action="store_true",
@@ -873,7 +881,7 @@ def main(argv=None):
     if "cold" in sections:
         since = time.perf_counter()
         from . import cold_start
-        result["cold_start"] = cold_start.measure()
+        result["cold_start"] = cold_start.measure(warmup_timeout=args.warmup_timeout)
         print(cold_table(result["cold_start"]))
         done("cold", since)
     result["elapsed_s"] = time.perf_counter() - started

@@ -66,15 +66,19 @@ print("RESULT " + json.dumps(result))
 """
 
 
-def child(mode, layouts, dtype, cache_dir):
+def child(mode, layouts, dtype, cache_dir, timeout=None):
     """One fresh process: mode "ops" (first calls) or "warmup" (warmup(), then first calls),
-    with NUMBA_CACHE_DIR=cache_dir. Adds the process's wall time."""
+    with NUMBA_CACHE_DIR=cache_dir. Adds the process's wall time. Past ``timeout`` seconds
+    the process is stopped and the result says so ({"timed_out_s": timeout})."""
     env = dict(os.environ, NUMBA_CACHE_DIR=cache_dir)
     env.pop("FASTBN_NO_CACHE", None)
     shapes = {name: LAYOUTS[name] for name in layouts}
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", _CHILD, mode, json.dumps(shapes), dtype],
-                          env=env, capture_output=True, text=True)
+    try:
+        proc = subprocess.run([sys.executable, "-c", _CHILD, mode, json.dumps(shapes), dtype],
+                              env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"timed_out_s": timeout, "process_wall_s": time.perf_counter() - start}
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         raise RuntimeError(f"cold-start child ({mode}, {layouts}, {dtype}) failed:\n"
@@ -90,7 +94,8 @@ def first_calls_s(result, layout):
     return result["import_s"] + sum(result[layout][op] for op in FIRST_CALLS)
 
 
-def measure(layouts=tuple(LAYOUTS), dtypes=DTYPES, warmup=True, log=print):
+def measure(layouts=tuple(LAYOUTS), dtypes=DTYPES, warmup=True, log=print,
+            warmup_timeout=480):
     """{"per_layout_dtype": [{layout, dtype, cold, cached}], "warmup": {cold, cached}}; each
     cold run gets its own empty cache, so nothing one combination compiled serves another."""
     out = {"per_layout_dtype": [], "shapes": {k: LAYOUTS[k] for k in layouts}}
@@ -108,8 +113,12 @@ def measure(layouts=tuple(LAYOUTS), dtypes=DTYPES, warmup=True, log=print):
                 f"(process {cold['process_wall_s']:.2f} / {cached['process_wall_s']:.2f} s)")
     if warmup:
         with tempfile.TemporaryDirectory(prefix="fastbn-numba-cache-") as cache_dir:
-            cold = child("warmup", list(layouts), "float32", cache_dir)
-            cached = child("warmup", list(layouts), "float32", cache_dir)
+            cold = child("warmup", list(layouts), "float32", cache_dir, warmup_timeout)
+            if "timed_out_s" in cold:
+                out["warmup"] = {"cold": cold, "cached": None}
+                log(f"fastbn.warmup(): stopped after {warmup_timeout} s with an empty cache")
+                return out
+            cached = child("warmup", list(layouts), "float32", cache_dir, warmup_timeout)
         out["warmup"] = {"cold": cold, "cached": cached}
         log(f"fastbn.warmup(): empty cache {cold['warmup_s']:.2f} s, "
             f"from the cache {cached['warmup_s']:.2f} s")
