@@ -13,6 +13,7 @@ short runs as column blocks (7x7), and channels-last row blocks.
 """
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -60,6 +61,17 @@ def _problem(shape, axis, dtype, seed=0):
     gamma = rng.uniform(0.5, 2, channels).astype(np.float32)
     beta = rng.standard_normal(channels)
     return x, dy, residual, gamma, beta
+
+
+def _core_outputs(x, dy, residual, gamma, beta, axis):
+    """y, mean, invstd, the running statistics, dx, dgamma, dbeta of one training step."""
+    channels = x.shape[axis]
+    rm, rv = np.zeros(channels, np.float32), np.ones(channels, np.float32)
+    fwd = fastbn.batch_norm_forward(x, gamma, beta, axis=axis, running_mean=rm, running_var=rv,
+                                    backend="cpu")
+    grads = fastbn.batch_norm_backward(dy, x, fwd.mean, fwd.invstd, gamma, axis=axis,
+                                       backend="cpu")
+    return dict(fwd._asdict(), running_mean=rm, running_var=rv, **grads._asdict())
 
 
 def _outputs(x, dy, residual, gamma, beta, axis, outs=None):
@@ -192,11 +204,12 @@ _CHILD = textwrap.dedent("""
     import json, sys
     import numpy as np
     from numba.core.dispatcher import Dispatcher
-    sys.path.insert(0, sys.argv[2])
+    sys.path[:0] = [sys.argv[3], sys.argv[2]]      # the package copy, then the tests
     import fastbn
     from fastbn import _config
     from fastbn.backends import cpu
     import test_determinism as t
+    assert fastbn.__file__.startswith(sys.argv[3]), fastbn.__file__
 
     results = {}
     for config, threshold in (("parallel", 0), ("serial", 1 << 62)):
@@ -204,7 +217,7 @@ _CHILD = textwrap.dedent("""
         for dtype in ("float32", "float64"):
             for (shape, axis), label in zip(t.SUBPROCESS_CASES, t.SUBPROCESS_IDS):
                 problem = t._problem(shape, axis, dtype)
-                for name, a in t._outputs(*problem, axis).items():
+                for name, a in t._core_outputs(*problem, axis).items():
                     results[f"{config} {dtype} {label} {name}"] = np.ascontiguousarray(a)
     np.savez(sys.argv[1], **results)
 
@@ -224,7 +237,11 @@ SUBPROCESS_IDS = [IDS[0], IDS[1], IDS[5], IDS[6]]
 def test_compiling_and_cache_loading_processes_give_the_same_bits(tmp_path):
     """Issue 13.1: the first process compiles every kernel into an empty NUMBA_CACHE_DIR, the
     second loads them from it; y, dx, dgamma, dbeta, mean, invstd (and the rest) must have the
-    same bits in both, serial and parallel alike."""
+    same bits in both, serial and parallel alike. Both run a copy of the package, so that the
+    cache cannot be invalidated by an edit of the checkout while they run."""
+    source = tmp_path / "src"
+    shutil.copytree(Path(fastbn.__file__).parent, source / "fastbn",
+                    ignore=shutil.ignore_patterns("__pycache__"))
     env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "numba-cache"), PYTHONUNBUFFERED="1")
     env.pop("FASTBN_NO_CACHE", None)
     env.pop("NUMBA_DISABLE_JIT", None)
@@ -232,8 +249,8 @@ def test_compiling_and_cache_loading_processes_give_the_same_bits(tmp_path):
     for run in ("compile", "load"):
         saved = tmp_path / f"{run}.npz"
         done = subprocess.run([sys.executable, "-c", _CHILD, str(saved),
-                               str(Path(__file__).parent)], capture_output=True, text=True,
-                              env=env, timeout=1200)
+                               str(Path(__file__).parent), str(source)], capture_output=True,
+                              text=True, env=env, timeout=1200)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         counts = json.loads(done.stdout.strip().splitlines()[-1])
         with np.load(saved) as data:
