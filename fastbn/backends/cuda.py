@@ -27,9 +27,11 @@ Two memory regimes, as on the CPU:
   ``tile`` adjacent channels (adjacent threads read adjacent channels of a row: coalesced) by
   ``tpb / tile`` rows, and the rows are cut into ``splits`` pieces.
 
-A reduction writes one float64 partial per (channel, piece) into a cached scratch buffer; the
-block that finishes a channel's (or tile's) last piece -- a per-channel device counter says
-which -- merges that channel's partials in a fixed tree order and writes the results. Which
+A reduction writes one float64 partial per (channel, piece) into a cached scratch buffer -- for
+the statistics a (count, shift, offset, M2) summary, mean = shift + offset with the shift a data
+value, merged with Chan's formula; for the backward three plain sums -- and the block that
+finishes a channel's (or tile's) last piece -- a per-channel device counter says which --
+merges that channel's partials in a fixed tree order and writes the results. Which
 block is last changes from run to run, the merge order does not: results are bitwise the same
 from run to run. There are no floating-point atomics on results (partials are read back with
 an atomic add of 0.0, a load that bypasses the incoherent L1 cache).
@@ -1361,8 +1363,6 @@ def shares_memory(a, b):
     low_b, high_b = byte_bounds(b)
     return low_a < high_b and low_b < high_a
 
-
-may_share_memory = shares_memory
 
 
 def _copy_strided(src, dst, shape, src_strides, dst_strides):
