@@ -145,9 +145,12 @@ def _setup_forward(ctx, inputs, output):
     ctx.training = training
     ctx.bias_dtype = None if bias is None else bias.dtype
     ctx.mark_non_differentiable(mean, invstd, new_running_mean, new_running_var)
+    ctx.set_materialize_grads(False)  # no zero gradients for the four statistics outputs
 
 
 def _backward_forward(ctx, dy, *_statistics_grads):
+    if dy is None:
+        return (None,) * 8
     x, weight, mean, invstd = ctx.saved_tensors
     dx, dweight, dbias = batch_norm_backward(dy, x, mean, invstd, weight, ctx.training)
     return (dx, _param_grad(dweight, weight), _bias_grad(dbias, ctx.bias_dtype),
@@ -222,9 +225,12 @@ def _setup_act_forward(ctx, inputs, output):
     ctx.bias_dtype = None if bias is None else bias.dtype
     ctx.has_residual = residual is not None
     ctx.mark_non_differentiable(mean, invstd, new_running_mean, new_running_var)
+    ctx.set_materialize_grads(False)
 
 
 def _backward_act_forward(ctx, dy, *_statistics_grads):
+    if dy is None:
+        return (None,) * 10
     y, x, weight, mean, invstd = ctx.saved_tensors
     dx, dweight, dbias, dresidual = batch_norm_act_backward(
         dy, y, x, mean, invstd, weight, ctx.activation, ctx.has_residual, ctx.training)
