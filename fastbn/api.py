@@ -60,14 +60,15 @@ class Canonical:
         return self.be.view3(a, layout.shape3, strides3)
 
     def output(self, a):
-        """The view to write for output a; finish() writes it back when it had to be a copy."""
+        """(view to write for output a, whether it is a separate copy that finish() must write
+        back into a)."""
         strides3 = self.layout.strides3(a.strides)
         if strides3 is None:
-            return self.be.empty(self.layout.shape3, a.dtype)
-        return self.be.view3(a, self.layout.shape3, strides3)
+            return self.be.empty(self.layout.shape3, a.dtype), True
+        return self.be.view3(a, self.layout.shape3, strides3), False
 
-    def finish(self, view3, target):
-        if view3 is not None and not self.be.shares_memory(view3, target):
+    def finish(self, view3, copied, target):
+        if copied:
             self.be.scatter3(target, view3, self.layout.perm)
 
 
@@ -105,7 +106,8 @@ def _forward_on(be, x, gamma, beta, activation, residual, axis, eps, training, r
     y = be.empty_like(a.x) if a.y is None else a.y
     mean = be.empty((channels,), a.stats_dtype) if a.mean is None else a.mean
     invstd = be.empty((channels,), a.stats_dtype) if a.invstd is None else a.invstd
-    x3, y3 = canon.view(a.x), canon.output(y)
+    x3 = canon.view(a.x)
+    y3, y_copied = canon.output(y)
     if a.training:
         be.forward_train(x3, a.gamma, a.beta, a.eps, a.momentum, a.running_mean, a.running_var,
                          a.activation, canon.view(a.residual), _warn_nonfinite, y3, mean,
@@ -113,7 +115,7 @@ def _forward_on(be, x, gamma, beta, activation, residual, axis, eps, training, r
     else:
         be.forward_eval(x3, a.gamma, a.beta, a.running_mean, a.running_var, a.eps, a.activation,
                         canon.view(a.residual), y3, mean, invstd)
-    canon.finish(y3, y)
+    canon.finish(y3, y_copied, y)
     return BatchNormOutput(y, mean, invstd)
 
 
@@ -143,13 +145,14 @@ def _backward_on(be, dy, y, x, mean, invstd, gamma, activation, residual, axis, 
     dresidual = None
     if a.residual:
         dresidual = be.empty_like(a.x) if a.dresidual is None else a.dresidual
-    dx3 = canon.output(dx)
-    dresidual3 = None if dresidual is None else canon.output(dresidual)
+    dx3, dx_copied = canon.output(dx)
+    dresidual3, dresidual_copied = (None, False) if dresidual is None \
+        else canon.output(dresidual)
     be.backward(canon.view(a.dy), canon.view(a.x), a.mean, a.invstd, a.gamma, a.training,
                 a.activation, canon.view(a.y) if a.activation is not None else None, dx3, dgamma,
                 dbeta, dresidual3)
-    canon.finish(dx3, dx)
-    canon.finish(dresidual3, dresidual)
+    canon.finish(dx3, dx_copied, dx)
+    canon.finish(dresidual3, dresidual_copied, dresidual)
     return dx, dgamma, dbeta, dresidual
 
 

@@ -322,14 +322,14 @@ def _setup(args):
         _check_backend(args.backend)
     except Exception as exc:
         error = exc
-    distributed._agree(comm, op_name, error, (), 0)
+    distributed.agree(comm, op_name, error, (), 0)
     if args.download:   # one process downloads into the cache, the others then find it there
         if rank == 0:
             try:
                 dataset = load()
             except Exception as exc:
                 error = exc
-        distributed._agree(comm, op_name, error, (), 0)
+        distributed.agree(comm, op_name, error, (), 0)
     fields = ()
     try:
         if dataset is None:
@@ -340,8 +340,8 @@ def _setup(args):
         fields = (_data_fingerprint(dataset),)
     except Exception as exc:
         error = exc
-    table = distributed._agree(comm, op_name, error, fields, 1)
-    distributed._same_on_every_rank(table, op_name,
+    table = distributed.agree(comm, op_name, error, fields, 1)
+    distributed.same_on_every_rank(table, op_name,
                                     (0, "data sets (CRC-32 of images and labels)",
                                      lambda v: f"{int(v):08x}"))
     options = {name: getattr(args, name) for name in _SHARED_OPTIONS if hasattr(args, name)}

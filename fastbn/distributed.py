@@ -31,7 +31,7 @@ from .api import batch_norm_forward as _local_batch_norm_forward
 from .stats import RunningMoments, chan_merge
 
 __all__ = ["batch_norm_forward", "batch_norm_backward", "allreduce_moments", "allreduce_sum_",
-           "shard", "DistributedError"]
+           "shard", "shard_bounds", "agree", "same_on_every_rank", "DistributedError"]
 
 _MISSING_MPI = ('fastbn.distributed needs mpi4py and an MPI library; install them with '
                 'pip install "fastbn[mpi]" (mpi4py and the mpich wheel, which provides mpiexec)')
@@ -100,7 +100,7 @@ def _describe(exc):
     return f"{type(exc).__name__}: {exc}"
 
 
-def _agree(comm, op_name, error, fields, n_fields):
+def agree(comm, op_name, error, fields, n_fields):
     """Step 1 of every synchronized operation, reached by every rank whatever happened.
 
     Each rank contributes ``[failed, *fields]`` (``n_fields`` float64 values, NaN on a rank
@@ -129,7 +129,7 @@ def _agree(comm, op_name, error, fields, n_fields):
     return table[:, 1:]
 
 
-def _same_on_every_rank(table, op_name, *columns):
+def same_on_every_rank(table, op_name, *columns):
     """Raise on every rank when a header column differs across ranks.
 
     ``columns`` are (index, what, show) triples; ``show`` formats one rank's value."""
@@ -241,8 +241,8 @@ def batch_norm_forward(x, gamma=None, beta=None, *, comm=None, axis=1, eps=1e-5,
         fields = (channels, FLOAT_DTYPES.index(a.x.dtype), a.count, a.eps, a.momentum)
     except Exception as exc:
         error = exc
-    table = _agree(comm, op_name, error, fields, 5)
-    _same_on_every_rank(table, op_name, (0, "channel counts", _as_int),
+    table = agree(comm, op_name, error, fields, 5)
+    same_on_every_rank(table, op_name, (0, "channel counts", _as_int),
                         (1, "dtypes of x", _dtype_name), (3, "eps values", float),
                         (4, "momentum values", float))
     counts = table[:, 2].astype(np.int64)
@@ -260,10 +260,10 @@ def batch_norm_forward(x, gamma=None, beta=None, *, comm=None, axis=1, eps=1e-5,
         mean = be.empty((channels,), a.stats_dtype)
         invstd = be.empty((channels,), a.stats_dtype)
         # normalizing with given statistics is the eval transform, with the global batch's
-        y3 = canon.output(y)
+        y3, y_copied = canon.output(y)
         be.forward_eval(canon.view(a.x), a.gamma, a.beta, mean_be, var_be, a.eps, None, None,
                         y3, mean, invstd)
-        canon.finish(y3, y)
+        canon.finish(y3, y_copied, y)
         if a.running_mean is not None:
             be.update_running_stats(a.running_mean, a.running_var, mean_be, var_be, total,
                                     a.momentum, _warn_nonfinite)
@@ -315,8 +315,8 @@ def batch_norm_backward(dy, x, mean, invstd, gamma=None, *, comm=None, axis=1, b
         fields = (channels, FLOAT_DTYPES.index(a.x.dtype), a.count)
     except Exception as exc:
         error = exc
-    table = _agree(comm, op_name, error, fields, 3)
-    _same_on_every_rank(table, op_name, (0, "channel counts", _as_int),
+    table = agree(comm, op_name, error, fields, 3)
+    same_on_every_rank(table, op_name, (0, "channel counts", _as_int),
                         (1, "dtypes of x", _dtype_name))
     total = int(table[:, 2].astype(np.int64).sum())
     gathered = _allgather(comm, op_name, sums)
@@ -337,11 +337,11 @@ def batch_norm_backward(dy, x, mean, invstd, gamma=None, *, comm=None, axis=1, b
         dgamma_h = sum_dy_xc * invstd_h
         dx = be.empty_like(a.x)
         if a.count > 0:
-            dx3 = canon.output(dx)
+            dx3, dx_copied = canon.output(dx)
             be.backward_apply(dy3, x3, *(_to_backend(be, v) for v in (
                 mean_h, weight_h * invstd_h, sum_dy / total,
                 invstd_h * invstd_h * sum_dy_xc / total)), dx3)
-            canon.finish(dx3, dx)
+            canon.finish(dx3, dx_copied, dx)
         dgamma = be.to_device(dgamma_h.astype(a.mean.dtype)) if be.ON_DEVICE \
             else dgamma_h.astype(a.mean.dtype)
         dbeta = be.to_device(sum_dy.astype(a.mean.dtype)) if be.ON_DEVICE \
@@ -367,8 +367,8 @@ def allreduce_moments(acc, comm=None):
         fields = (acc.num_channels, acc.count)
     except Exception as exc:
         error = exc
-    table = _agree(comm, op_name, error, fields, 2)
-    _same_on_every_rank(table, op_name, (0, "channel counts", _as_int))
+    table = agree(comm, op_name, error, fields, 2)
+    same_on_every_rank(table, op_name, (0, "channel counts", _as_int))
     gathered = _allgather(comm, op_name, partials)
     acc.count, acc.mean, acc.m2 = _merge_moments(table[:, 1].astype(np.int64),
                                                  gathered[:, 0], gathered[:, 1])
@@ -407,8 +407,8 @@ def allreduce_sum_(arrays, comm=None):
         fields = (buffer.size, zlib.crc32(repr(signature).encode()))
     except Exception as exc:
         error = exc
-    table = _agree(comm, op_name, error, fields, 2)
-    _same_on_every_rank(table, op_name, (0, "total sizes", _as_int),
+    table = agree(comm, op_name, error, fields, 2)
+    same_on_every_rank(table, op_name, (0, "total sizes", _as_int),
                         (1, "array shapes or dtypes", lambda v: f"signature {int(v):08x}"))
     if comm.Get_size() > 1:
         MPI = _mpi()

@@ -874,7 +874,7 @@ PACKAGE_ROOT = Path(__file__).resolve().parents[1] / "fastbn"
 CHECKED = ("fastbn.nn", "fastbn.cli", "fastbn.data", "fastbn.stats")
 #: Private helpers of fastbn.distributed that the trainer and the CLI still call, until
 #: fastbn.distributed offers them publicly (its owner's change, asked for in issue 9).
-PENDING_PUBLIC = {("fastbn.distributed", "_agree"), ("fastbn.distributed", "_same_on_every_rank")}
+PENDING_PUBLIC = set()
 
 
 def _module_name(path):

@@ -40,7 +40,8 @@ def view3(a, shape3, strides3):
     if a.flags.c_contiguous:
         # a C-contiguous array's canonical view is its C-order reshape (cheaper than as_strided)
         view = a.reshape(shape3)
-        if all(s == t or n <= 1 for s, t, n in zip(view.strides, strides3, shape3)):
+        if view.strides == strides3 or all(s == t or n <= 1 for s, t, n in
+                                           zip(view.strides, strides3, shape3)):
             return view
     return as_strided(a, shape=shape3, strides=strides3)
 

@@ -268,8 +268,8 @@ class Trainer:
         except Exception as exc:
             error = exc
         # collective: an error on one rank is raised on every rank, naming it
-        table = distributed._agree(comm, "Trainer", error, fields, 3)
-        distributed._same_on_every_rank(
+        table = distributed.agree(comm, "Trainer", error, fields, 3)
+        distributed.same_on_every_rank(
             table, "Trainer", (0, "training set sizes", int), (1, "batch sizes", int),
             (2, "random generator states (the global batches must be drawn alike)",
              lambda v: f"CRC-32 {int(v):08x}"))
@@ -308,7 +308,7 @@ class Trainer:
                                 step=self.steps_done, extra=extra)
             except Exception as exc:
                 error = exc
-        distributed._agree(self.comm, "Trainer.save", error, (), 0)
+        distributed.agree(self.comm, "Trainer.save", error, (), 0)
 
     def load(self, path):
         """Restore a checkpoint; returns its ``{"step", "extra"}``. Data parallel: rank 0
@@ -323,7 +323,7 @@ class Trainer:
                     arrays = _read_checkpoint(path)
                 except Exception as exc:
                     error = exc
-            distributed._agree(self.comm, "Trainer.load", error, (), 0)
+            distributed.agree(self.comm, "Trainer.load", error, (), 0)
             arrays = self.comm.bcast(arrays, root=0)
         meta = _restore_checkpoint(arrays, self.model, self.optimizer, sampler=self.sampler,
                                    path=path)
