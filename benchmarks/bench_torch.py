@@ -15,6 +15,7 @@ Ratios are PyTorch time / fastbn time: 1.00x = equal, higher = fastbn faster.
 
     python -m benchmarks.bench_torch [--threads N] [--rounds 30] [--batch 64] [--quick]
                                      [--json benchmarks/results/torch.json]
+    python -m benchmarks.bench_torch --table benchmarks/results/torch.json   # Markdown
 """
 import argparse
 import datetime
@@ -202,6 +203,32 @@ def ratio(medians, kind):
 FORMATS = {"NCHW": torch.contiguous_format, "channels_last": torch.channels_last}
 
 
+def table(results):
+    """The results as the Markdown tables of docs/torch.md."""
+    m = results["machine"]
+    lines = [f"Machine: {m['cpu']} ({m['usable_cpus']} CPUs), {m['torch_threads']} torch threads, "
+             f"{m['numba_threads']} numba threads ({m['numba_threading_layer']}), torch "
+             f"{m['torch']}, numba {m['numba']}, {m['date']}. Batch "
+             f"{'x'.join(map(str, results['method']['input']))}, medians of "
+             f"{results['method']['rounds']} interleaved rounds. × = PyTorch time / fastbn "
+             f"time (higher = fastbn faster).", "",
+             "| ResNet-style CNN | PyTorch BN | `convert` | × | inference PyTorch | "
+             "inference `convert` | × |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for row in results["model"]:
+        lines.append(f"| train step, {row['layout']} | {row['train/torch_ms']:.1f} ms | "
+                     f"{row['train/fastbn_ms']:.1f} ms | **{row['train_speedup']:.2f}x** | "
+                     f"{row['inference/torch_ms']:.1f} ms | {row['inference/fastbn_ms']:.1f} ms | "
+                     f"{row['inference_speedup']:.2f}x |")
+    lines += ["", "| one BN layer | fwd PyTorch | fwd fastbn | × | bwd PyTorch | bwd fastbn | × |",
+              "|---|---:|---:|---:|---:|---:|---:|"]
+    for row in results["layers"]:
+        lines.append(f"| {'×'.join(map(str, row['shape']))} {row['layout']} | "
+                     f"{row['forward/torch_us']:.0f} µs | {row['forward/fastbn_us']:.0f} µs | "
+                     f"{row['forward_speedup']:.2f}x | {row['backward/torch_us']:.0f} µs | "
+                     f"{row['backward/fastbn_us']:.0f} µs | {row['backward_speedup']:.2f}x |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
@@ -212,7 +239,13 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true",
                         help="tiny sizes and 2 rounds: a smoke test, not a measurement")
     parser.add_argument("--json", default=None, help="write the results here")
+    parser.add_argument("--table", metavar="JSON", default=None,
+                        help="print the Markdown tables of a results file, run nothing")
     args = parser.parse_args(argv)
+    if args.table:
+        with open(args.table) as f:
+            print(table(json.load(f)))
+        return None
     if args.quick:
         args.rounds, args.warmup, args.batch, args.width = 2, 1, 4, 4
     set_threads(args.threads)
@@ -262,4 +295,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main() and 0)
+    main()

@@ -688,3 +688,4 @@ def test_bench_torch_quick_runs(tmp_path):
     assert {row["layout"] for row in results["model"]} == {"NCHW", "channels_last"}
     assert all(row["train_speedup"] > 0 for row in results["model"])
     assert len(results["layers"]) == 7 and results["machine"]["cpu"]
+    assert "train step, channels_last" in bench_torch.table(results)
