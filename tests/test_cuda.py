@@ -643,6 +643,35 @@ def test_launches_follow_the_stream_the_inputs_name(monkeypatch, stand_in_librar
     assert be.current_stream() is not be._as_stream(777)      # outside the call: the default
 
 
+@needs_simulator
+def test_without_a_call_scope_a_public_call_still_follows_its_inputs(monkeypatch,
+                                                                     stand_in_library):
+    """asarray(x, "x") starts an implicit call: the named stream and the library hold for that
+    call's launches and outputs, and for nothing after it (a host round trip, say)."""
+    be = stand_in_library
+    x, _, _, _ = _problem((4, 3, 5), 1, "float32")
+    recorder = _Recorder(monkeypatch)
+    out = fastbn.batch_norm_forward(StandIn(x, stream=4242))
+    assert type(be.result(out.y)) is StandIn and type(be.result(out.mean)) is StandIn
+    assert recorder.launches and all(s is be._as_stream(4242) for _, s in recorder.launches)
+    recorder.reset()
+    x4 = np.concatenate([x.reshape(4, 3, 5, 1), x.reshape(4, 3, 5, 1) * 2], axis=3)
+    strided = np.zeros((4, 3, 5, 4), np.float32)[..., :2]    # H, W do not merge: a gather copy
+    strided[...] = x4
+    y4 = np.full((4, 3, 5, 4), np.nan, np.float32)[..., :2]  # nor into the output: a scatter
+    fastbn.batch_norm_forward(StandIn(strided, stream=99), out=(StandIn(y4), None, None))
+    names = [name for name, _ in recorder.launches]
+    assert names.count("strided_copy") == 2, names
+    np.testing.assert_allclose(y4, fastbn.batch_norm_forward(x4, backend="reference").y,
+                               rtol=1e-5, atol=1e-5)
+    assert all(s is be._as_stream(99) for _, s in recorder.launches)
+    recorder.reset()
+    host = fastbn.batch_norm_forward(x, backend="cuda")      # the round trip: its own call
+    assert type(host.y) is np.ndarray
+    assert all(s is not be._as_stream(99) for _, s in recorder.launches)
+    assert type(be.empty((3,), np.float32)) is not StandIn
+
+
 def test_importing_fastbn_does_not_import_the_cuda_helpers():
     code = ("import sys, fastbn; bad = [m for m in ('fastbn.cuda', 'fastbn.backends.cuda', "
             "'numba.cuda') if m in sys.modules]; sys.exit(1 if bad else 0)")

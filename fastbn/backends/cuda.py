@@ -920,18 +920,60 @@ def _kernels(tpb, unroll):
 
 class _Call:
     """What one public call's arguments said: the stream to launch on and the array library
-    its outputs come from."""
-    __slots__ = ("stream", "named_stream", "library", "library_arg", "like")
+    its outputs come from.
 
-    def __init__(self, stream=None):
+    A call opened by call_scope ends with the scope. Without one, ``asarray(x, "x")`` (the
+    first conversion of every public operation) starts an *implicit* call that lasts until the
+    next one; to be used only by that call, it holds the arrays the call converted, allocated
+    or gathered (alive, so no later allocation can reuse their addresses) and their memory
+    ranges: a launch on none of them (the host round trip, a later direct backend call)
+    ignores it, and its outputs' library is used only until its operation has run."""
+    __slots__ = ("stream", "named_stream", "library", "library_arg", "like", "implicit",
+                 "arrays", "ranges", "completed")
+
+    def __init__(self, stream=None, implicit=False):
         self.stream = stream              # the stream= argument (None: not given)
         self.named_stream = None          # the first stream an input named
         self.library = None               # "torch", "cupy", ... of the first foreign argument
         self.library_arg = None
         self.like = None                  # that argument (allocation follows its device)
+        self.implicit = implicit
+        self.arrays = []                  # the call's arrays, kept alive (no address reuse)
+        self.ranges = []                  # and their byte ranges
+        self.completed = False            # an implicit call's operation has run
+
+    def register(self, a):
+        if self.implicit:
+            self.arrays.append(a)
+            self.ranges.append(byte_bounds(a))
+
+    def covers(self, a):
+        """Whether a views the memory of one of this call's arrays."""
+        if a is None or not self.ranges:
+            return False
+        low, high = byte_bounds(a)
+        return any(r_low <= low and high <= r_high for r_low, r_high in self.ranges)
 
 
 _call = contextvars.ContextVar("fastbn_cuda_call", default=None)
+
+
+def _active_call(arrays=(), allocating=False):
+    """The call a launch on these arrays, or an allocation, belongs to, or None."""
+    call = _call.get()
+    if call is None or not call.implicit:
+        return call
+    if allocating:
+        return None if call.completed else call
+    return call if any(a is not None and call.covers(a) for a in arrays) else None
+
+
+def _complete(x3):
+    """An operation of an implicit call has run: later allocations are not its outputs."""
+    call = _call.get()
+    if call is not None and call.implicit and call.covers(x3):
+        call.completed = True
+        call.like = None
 
 
 @contextlib.contextmanager
@@ -940,8 +982,8 @@ def call_scope(stream=None):
     stream, or an integer handle; None: ``fastbn.backends.STREAM``, else the stream the inputs
     name, else the default stream), ``asarray`` checks that the arguments come from one array
     library, ``empty``/``empty_like`` allocate from it and ``result`` gives back the caller's
-    type. The API wraps validation, allocation and the backend call in one scope; outside any
-    scope, launches go to STREAM or the default stream and outputs are numba arrays."""
+    type. The API is to wrap validation, allocation and the backend call in one scope (without
+    one, an implicit call starting at ``asarray(x, "x")`` does the same, see _Call)."""
     if stream is not None:
         stream = _as_stream(stream)           # a bad stream= fails before anything runs
     token = _call.set(_Call(stream))
@@ -1019,7 +1061,7 @@ def current_stream(arrays=(), stream=None):
     handle), else the current call's ``stream=`` (call_scope, or ``fastbn.backends.STREAM``,
     which the API sets from its ``stream=`` keyword), else the first stream an input of the call
     named (see ``_named_stream``; ``arrays`` are asked too), else numba's default stream."""
-    call = _call.get()
+    call = _active_call(arrays)
     if stream is None and call is not None:
         stream = call.stream
     if stream is None:
@@ -1192,13 +1234,18 @@ def asarray(a, name):
     """A numba device array viewing ``a``'s memory (CuPy, PyTorch, numba: no copy, imported
     with ``sync=False``: ordering is kept by launching on the stream the inputs name).
 
-    Inside call_scope it records the call's array library (outputs come from it) and the first
-    stream an input names; arrays of two different foreign libraries in one call are a
-    TypeError naming both arguments (numba device arrays mix with any library)."""
+    It records, for the current call (call_scope, or the implicit call that ``name == "x"``
+    starts), the call's array library (outputs come from it) and the first stream an input
+    names; arrays of two different foreign libraries in one call are a TypeError naming both
+    arguments (numba device arrays mix with any library)."""
     array = _numba(a, name)
     call = _call.get()
+    if name == "x" and (call is None or call.implicit):
+        call = _Call(implicit=True)           # a public call without call_scope starts
+        _call.set(call)
     if call is None:
         return array
+    call.register(array)
     library = _library(a)
     if library != "numba":
         if call.library is None:
@@ -1260,15 +1307,22 @@ def _allocate(shape, dtype, strides, like):
     """A numba device array; from like's library when it is a foreign one (the numba array
     views that memory and result() gives the foreign object back)."""
     if like is None:
-        call = _call.get()
+        call = _active_call(allocating=True)
         like = call.like if call is not None else None
     allocate = ALLOCATORS.get(_library(like)) if like is not None else None
     if allocate is None:
         base = _device_array(tuple(shape), dtype=np.dtype(dtype))
-        return base if strides is None else _view(base, shape, strides)
+        array = base if strides is None else _view(base, shape, strides)
+        call = _active_call(allocating=True)
+        if call is not None:
+            call.register(array)
+        return array
     owner = allocate(tuple(shape), np.dtype(dtype), strides, like)
     array = _numba(owner)
     array._fastbn_source = owner
+    call = _active_call(allocating=True)
+    if call is not None:
+        call.register(array)
     return array
 
 
@@ -1396,6 +1450,9 @@ def gather3(a, perm, shape3):
     a = _numba(a)
     out = _device_array(tuple(shape3), dtype=a.dtype)
     shape = tuple(a.shape[p] for p in perm)
+    call = _active_call((a,))
+    if call is not None:
+        call.register(out)                       # the call's operation runs on this copy
     _copy_strided(a, out, shape, tuple(a.strides[p] for p in perm),
                   _c_strides(shape, a.dtype.itemsize))
     return out
@@ -1420,6 +1477,9 @@ def to_device(a):
     """a's values in device memory (a numba array; device arrays are returned as they are)."""
     if is_device_array(a):
         return _numba(a)
+    call = _call.get()
+    if call is not None and call.implicit and not call.completed:
+        _call.set(None)         # host data: a new (round-trip) call, not a failed call's rest
     array = _to_device(np.ascontiguousarray(a), stream=current_stream())
     array._fastbn_host_copy = True      # host data: its call waits on the host anyway
     return array
@@ -1492,12 +1552,15 @@ def channel_moments(x3):
     mean = _device_array(channels, dtype=np.float64)
     m2 = _device_array(channels, dtype=np.float64)
     _reduce_stats(x3, STATS_CHANNEL_MOMENTS, mean, m2)
+    _complete(x3)
     return mean, m2
 
 
 def moments(x3, mean, var):
     """Per-channel mean and biased variance, written in the outputs' dtypes (one launch)."""
-    _reduce_stats(_numba(x3), STATS_MOMENTS, _numba(mean), _numba(var))
+    x3 = _numba(x3)
+    _reduce_stats(x3, STATS_MOMENTS, _numba(mean), _numba(var))
+    _complete(x3)
 
 
 def _normalize(x3, mean, invstd, from_running, eps, weight, bias, activation, residual3, y3,
@@ -1541,6 +1604,7 @@ def forward_train(x3, weight, bias, eps, momentum, running_mean, running_var, ac
     _reduce_stats(x3, STATS_TRAIN, mean, invstd, stat, eps, running_mean, running_var, momentum)
     if x3.size:
         _normalize(x3, stat[0], stat[1], False, eps, weight, bias, activation, residual3, y3)
+    _complete(x3)
     _warn_for_host_copies(warn, running_mean)
 
 
@@ -1554,6 +1618,7 @@ def forward_eval(x3, weight, bias, running_mean, running_var, eps, activation, r
     residual3 = None if residual3 is None else _numba(residual3, "residual")
     _normalize(x3, _numba(running_mean, "running_mean"), _numba(running_var, "running_var"),
                True, eps, weight, bias, activation, residual3, y3, mean, invstd)
+    _complete(x3)
 
 
 def _reduce_grad(dy3, x3, y3, activation, mean, invstd, weight, training, mode, coef, dgamma,
@@ -1607,6 +1672,7 @@ def backward(dy3, x3, mean, invstd, weight, training, activation, y3, dx3, dgamm
     _launch(settings, "grad_apply", _elementwise_blocks(x3.size, settings), stream, dy3, x3, y3,
             code, coef[0], coef[1], coef[2], coef[3], bool(training), dx3, dresidual3,
             has_dresidual)
+    _complete(x3)
 
 
 def backward_reduce(dy3, x3, mean):
