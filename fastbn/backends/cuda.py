@@ -283,6 +283,96 @@ def _coherent_load(part, index):
     return cuda.atomic.add(part, index, 0.0)
 
 
+@cuda.jit(device=True)
+def _finish_item_moments(sh_n, sh_shift, sh_offset, sh_m2, sh_last, part, counter, slot,
+                         channel, valid, piece, splits, pieces, tid, width, groups):
+    """The part of a statistics work item that both regimes share: merge the block's threads
+    (slot ``tid % width`` of each of ``groups`` groups holds one thread's summary of channel
+    ``channel``); when the channel has several pieces, publish this piece's summary and, in the
+    block that completes the channel's (or tile's) counter ``slot``, merge every piece in a
+    fixed order. Returns whether this block finishes; the merged summary is then in slot
+    ``tid % width``. Every thread of the block must call it."""
+    _block_merge_moments(sh_n, sh_shift, sh_offset, sh_m2, tid, width, groups)
+    if splits == 1:
+        return True
+    lane = tid % width
+    group = tid // width
+    if group == 0 and valid:
+        w = channel * splits + piece
+        part[w] = sh_n[lane]
+        part[pieces + w] = sh_shift[lane]
+        part[2 * pieces + w] = sh_offset[lane]
+        part[3 * pieces + w] = sh_m2[lane]
+        cuda.threadfence()
+    cuda.syncthreads()
+    if tid == 0:
+        sh_last[0] = cuda.atomic.add(counter, slot, 1) == splits - 1
+    cuda.syncthreads()
+    if not sh_last[0]:
+        return False
+    cuda.threadfence()
+    n = 0.0
+    shift = 0.0
+    offset = 0.0
+    m2 = 0.0
+    if valid:
+        for p in range(group, splits, groups):      # a fixed order, whoever is last
+            w = channel * splits + p
+            n, shift, offset, m2 = _chan_merge(
+                n, shift, offset, m2, _coherent_load(part, w), _coherent_load(part, pieces + w),
+                _coherent_load(part, 2 * pieces + w), _coherent_load(part, 3 * pieces + w))
+    sh_n[tid] = n
+    sh_shift[tid] = shift
+    sh_offset[tid] = offset
+    sh_m2[tid] = m2
+    cuda.syncthreads()
+    _block_merge_moments(sh_n, sh_shift, sh_offset, sh_m2, tid, width, groups)
+    if tid == 0:
+        counter[slot] = 0
+    return True
+
+
+@cuda.jit(device=True)
+def _finish_item_sums(sh_a, sh_b, sh_c, sh_last, part, counter, slot, channel, valid, piece,
+                      splits, pieces, tid, width, groups):
+    """_finish_item_moments for the backward's three plain sums."""
+    _block_sum3(sh_a, sh_b, sh_c, tid, width, groups)
+    if splits == 1:
+        return True
+    lane = tid % width
+    group = tid // width
+    if group == 0 and valid:
+        w = channel * splits + piece
+        part[w] = sh_a[lane]
+        part[pieces + w] = sh_b[lane]
+        part[2 * pieces + w] = sh_c[lane]
+        cuda.threadfence()
+    cuda.syncthreads()
+    if tid == 0:
+        sh_last[0] = cuda.atomic.add(counter, slot, 1) == splits - 1
+    cuda.syncthreads()
+    if not sh_last[0]:
+        return False
+    cuda.threadfence()
+    a = 0.0
+    b = 0.0
+    d = 0.0
+    if valid:
+        for p in range(group, splits, groups):
+            w = channel * splits + p
+            a += _coherent_load(part, w)
+            b += _coherent_load(part, pieces + w)
+            d += _coherent_load(part, 2 * pieces + w)
+    sh_a[tid] = a
+    sh_b[tid] = b
+    sh_c[tid] = d
+    cuda.syncthreads()
+    _block_sum3(sh_a, sh_b, sh_c, tid, width, groups)
+    if tid == 0:
+        counter[slot] = 0
+    return True
+
+
 @cuda.jit(device=True, inline=True)
 def _advance(o, c, i, step_o, step_c, step_i, channels, inner):
     """(o, c, i) moved forward by a flat step pre-split into (step_o, step_c, step_i)."""
@@ -436,7 +526,8 @@ def kernel_functions(tpb, unroll):
         step_i = tpb - step_o * inner
         for item in range(cuda.blockIdx.x, pieces, cuda.gridDim.x):
             c = item // splits
-            start = (item - c * splits) * chunk
+            s = item - c * splits
+            start = s * chunk
             end = min(start + chunk, count)
             n = 0.0
             shift = 0.0
@@ -471,46 +562,11 @@ def kernel_functions(tpb, unroll):
             sh_offset[tid] = offset
             sh_m2[tid] = m2
             cuda.syncthreads()
-            _block_merge_moments(sh_n, sh_shift, sh_offset, sh_m2, tid, 1, tpb)
-            if splits == 1:
-                if tid == 0:
-                    _finish_stats(c, sh_n[0], sh_shift[0], sh_offset[0], sh_m2[0], mode, eps,
-                                  out_a, out_b, stat, has_running, running_mean, running_var,
-                                  momentum, unbias, limit_mean, limit_var, flags)
-            else:
-                if tid == 0:
-                    part[item] = sh_n[0]
-                    part[pieces + item] = sh_shift[0]
-                    part[2 * pieces + item] = sh_offset[0]
-                    part[3 * pieces + item] = sh_m2[0]
-                    cuda.threadfence()
-                    sh_last[0] = cuda.atomic.add(counter, c, 1) == splits - 1
-                cuda.syncthreads()
-                if sh_last[0]:
-                    cuda.threadfence()
-                    n = 0.0
-                    shift = 0.0
-                    offset = 0.0
-                    m2 = 0.0
-                    for p in range(tid, splits, tpb):      # a fixed order, whoever is last
-                        w = c * splits + p
-                        n, shift, offset, m2 = _chan_merge(
-                            n, shift, offset, m2, _coherent_load(part, w),
-                            _coherent_load(part, pieces + w),
-                            _coherent_load(part, 2 * pieces + w),
-                            _coherent_load(part, 3 * pieces + w))
-                    sh_n[tid] = n
-                    sh_shift[tid] = shift
-                    sh_offset[tid] = offset
-                    sh_m2[tid] = m2
-                    cuda.syncthreads()
-                    _block_merge_moments(sh_n, sh_shift, sh_offset, sh_m2, tid, 1, tpb)
-                    if tid == 0:
-                        counter[c] = 0
-                        _finish_stats(c, sh_n[0], sh_shift[0], sh_offset[0], sh_m2[0], mode,
-                                      eps, out_a, out_b, stat, has_running, running_mean,
-                                      running_var, momentum, unbias, limit_mean, limit_var,
-                                      flags)
+            if _finish_item_moments(sh_n, sh_shift, sh_offset, sh_m2, sh_last, part, counter, c,
+                                    c, True, s, splits, pieces, tid, 1, tpb) and tid == 0:
+                _finish_stats(c, sh_n[0], sh_shift[0], sh_offset[0], sh_m2[0], mode, eps,
+                              out_a, out_b, stat, has_running, running_mean, running_var,
+                              momentum, unbias, limit_mean, limit_var, flags)
             cuda.syncthreads()
 
     def stats_channels_last(x, tile, rows_per_split, splits, part, counter, mode, eps, out_a,
@@ -561,52 +617,12 @@ def kernel_functions(tpb, unroll):
             sh_offset[tid] = offset
             sh_m2[tid] = m2
             cuda.syncthreads()
-            _block_merge_moments(sh_n, sh_shift, sh_offset, sh_m2, tid, tile, row_threads)
-            if splits == 1:
-                if row0 == 0 and c < channels:
-                    _finish_stats(c, sh_n[lane], sh_shift[lane], sh_offset[lane], sh_m2[lane],
-                                  mode, eps, out_a, out_b, stat, has_running, running_mean,
-                                  running_var, momentum, unbias, limit_mean, limit_var, flags)
-            else:
-                if row0 == 0 and c < channels:
-                    w = c * splits + s
-                    part[w] = sh_n[lane]
-                    part[pieces + w] = sh_shift[lane]
-                    part[2 * pieces + w] = sh_offset[lane]
-                    part[3 * pieces + w] = sh_m2[lane]
-                    cuda.threadfence()
-                cuda.syncthreads()
-                if tid == 0:
-                    sh_last[0] = cuda.atomic.add(counter, t, 1) == splits - 1
-                cuda.syncthreads()
-                if sh_last[0]:
-                    cuda.threadfence()
-                    n = 0.0
-                    shift = 0.0
-                    offset = 0.0
-                    m2 = 0.0
-                    if c < channels:
-                        for p in range(row0, splits, row_threads):
-                            w = c * splits + p
-                            n, shift, offset, m2 = _chan_merge(
-                                n, shift, offset, m2, _coherent_load(part, w),
-                                _coherent_load(part, pieces + w),
-                                _coherent_load(part, 2 * pieces + w),
-                                _coherent_load(part, 3 * pieces + w))
-                    sh_n[tid] = n
-                    sh_shift[tid] = shift
-                    sh_offset[tid] = offset
-                    sh_m2[tid] = m2
-                    cuda.syncthreads()
-                    _block_merge_moments(sh_n, sh_shift, sh_offset, sh_m2, tid, tile,
-                                         row_threads)
-                    if tid == 0:
-                        counter[t] = 0
-                    if row0 == 0 and c < channels:
-                        _finish_stats(c, sh_n[lane], sh_shift[lane], sh_offset[lane],
-                                      sh_m2[lane], mode, eps, out_a, out_b, stat, has_running,
-                                      running_mean, running_var, momentum, unbias, limit_mean,
-                                      limit_var, flags)
+            if _finish_item_moments(sh_n, sh_shift, sh_offset, sh_m2, sh_last, part, counter, t,
+                                    c, c < channels, s, splits, pieces, tid, tile, row_threads) \
+                    and row0 == 0 and c < channels:
+                _finish_stats(c, sh_n[lane], sh_shift[lane], sh_offset[lane], sh_m2[lane], mode,
+                              eps, out_a, out_b, stat, has_running, running_mean, running_var,
+                              momentum, unbias, limit_mean, limit_var, flags)
             cuda.syncthreads()
 
     # ---- element-wise: y = act((x - mean) invstd gamma + beta + residual) --------------------
@@ -670,7 +686,8 @@ def kernel_functions(tpb, unroll):
         step_i = tpb - step_o * inner
         for item in range(cuda.blockIdx.x, pieces, cuda.gridDim.x):
             c = item // splits
-            start = (item - c * splits) * chunk
+            s = item - c * splits
+            start = s * chunk
             end = min(start + chunk, count)
             mu = np.float64(mean[c])
             s_dz = 0.0
@@ -701,40 +718,10 @@ def kernel_functions(tpb, unroll):
             sh_dz_xc[tid] = s_dz_xc
             sh_xc[tid] = s_xc
             cuda.syncthreads()
-            _block_sum3(sh_dz, sh_dz_xc, sh_xc, tid, 1, tpb)
-            if splits == 1:
-                if tid == 0:
-                    _finish_grad(c, sh_dz[0], sh_dz_xc[0], sh_xc[0], np.float64(count), mode,
-                                 mean, invstd, weight, has_weight, training, coef, dgamma,
-                                 dbeta)
-            else:
-                if tid == 0:
-                    part[item] = sh_dz[0]
-                    part[pieces + item] = sh_dz_xc[0]
-                    part[2 * pieces + item] = sh_xc[0]
-                    cuda.threadfence()
-                    sh_last[0] = cuda.atomic.add(counter, c, 1) == splits - 1
-                cuda.syncthreads()
-                if sh_last[0]:
-                    cuda.threadfence()
-                    a = 0.0
-                    b = 0.0
-                    d = 0.0
-                    for s in range(tid, splits, tpb):
-                        w = c * splits + s
-                        a += _coherent_load(part, w)
-                        b += _coherent_load(part, pieces + w)
-                        d += _coherent_load(part, 2 * pieces + w)
-                    sh_dz[tid] = a
-                    sh_dz_xc[tid] = b
-                    sh_xc[tid] = d
-                    cuda.syncthreads()
-                    _block_sum3(sh_dz, sh_dz_xc, sh_xc, tid, 1, tpb)
-                    if tid == 0:
-                        counter[c] = 0
-                        _finish_grad(c, sh_dz[0], sh_dz_xc[0], sh_xc[0], np.float64(count),
-                                     mode, mean, invstd, weight, has_weight, training, coef,
-                                     dgamma, dbeta)
+            if _finish_item_sums(sh_dz, sh_dz_xc, sh_xc, sh_last, part, counter, c, c, True, s,
+                                 splits, pieces, tid, 1, tpb) and tid == 0:
+                _finish_grad(c, sh_dz[0], sh_dz_xc[0], sh_xc[0], np.float64(count), mode, mean,
+                             invstd, weight, has_weight, training, coef, dgamma, dbeta)
             cuda.syncthreads()
 
     def grad_channels_last(dy, x, y, activation, mean, invstd, weight, has_weight, training,
@@ -782,45 +769,11 @@ def kernel_functions(tpb, unroll):
             sh_dz_xc[tid] = s_dz_xc
             sh_xc[tid] = s_xc
             cuda.syncthreads()
-            _block_sum3(sh_dz, sh_dz_xc, sh_xc, tid, tile, row_threads)
-            if splits == 1:
-                if row0 == 0 and c < channels:
-                    _finish_grad(c, sh_dz[lane], sh_dz_xc[lane], sh_xc[lane], np.float64(rows),
-                                 mode, mean, invstd, weight, has_weight, training, coef, dgamma,
-                                 dbeta)
-            else:
-                if row0 == 0 and c < channels:
-                    w = c * splits + s
-                    part[w] = sh_dz[lane]
-                    part[pieces + w] = sh_dz_xc[lane]
-                    part[2 * pieces + w] = sh_xc[lane]
-                    cuda.threadfence()
-                cuda.syncthreads()
-                if tid == 0:
-                    sh_last[0] = cuda.atomic.add(counter, t, 1) == splits - 1
-                cuda.syncthreads()
-                if sh_last[0]:
-                    cuda.threadfence()
-                    a = 0.0
-                    b = 0.0
-                    d = 0.0
-                    if c < channels:
-                        for p in range(row0, splits, row_threads):
-                            w = c * splits + p
-                            a += _coherent_load(part, w)
-                            b += _coherent_load(part, pieces + w)
-                            d += _coherent_load(part, 2 * pieces + w)
-                    sh_dz[tid] = a
-                    sh_dz_xc[tid] = b
-                    sh_xc[tid] = d
-                    cuda.syncthreads()
-                    _block_sum3(sh_dz, sh_dz_xc, sh_xc, tid, tile, row_threads)
-                    if tid == 0:
-                        counter[t] = 0
-                    if row0 == 0 and c < channels:
-                        _finish_grad(c, sh_dz[lane], sh_dz_xc[lane], sh_xc[lane],
-                                     np.float64(rows), mode, mean, invstd, weight, has_weight,
-                                     training, coef, dgamma, dbeta)
+            if _finish_item_sums(sh_dz, sh_dz_xc, sh_xc, sh_last, part, counter, t, c,
+                                 c < channels, s, splits, pieces, tid, tile, row_threads) \
+                    and row0 == 0 and c < channels:
+                _finish_grad(c, sh_dz[lane], sh_dz_xc[lane], sh_xc[lane], np.float64(rows), mode,
+                             mean, invstd, weight, has_weight, training, coef, dgamma, dbeta)
             cuda.syncthreads()
 
     def grad_apply(dy, x, y, activation, mu, scale, mean_dz, b, training, dx, dresidual,
