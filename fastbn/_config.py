@@ -46,6 +46,8 @@ CPU_MIN_RUN = 512
 # that the column loops are long enough to vectorize (a loop's setup costs about as much as a
 # few dozen elements).
 CPU_ROW_ELEMENTS = 1024
+# ... for tensors of at least this many elements (smaller ones are faster with plain rows).
+CPU_GROUP_MIN_SIZE = 1 << 15
 
 # A task fuses statistics and normalization (or gradient sums and dx) over a block of whole
 # channels when the block's inputs, over all rows, fit in this many bytes (about half of a

@@ -321,7 +321,7 @@ def _prefetch(typingctx, array, index):
 
 def _bits(a):
     """Kernels see float16 arrays as their uint16 bits; None stays None."""
-    return a.view(np.uint16) if a is not None and a.dtype == np.float16 else a
+    return a.view(np.uint16) if a is not None and a.dtype.char == "e" else a
 
 
 # ----------------------------------------------------------------------------------------------
@@ -338,8 +338,11 @@ def _normalize_coefficients(mean, scale, shift, like):
 
 @_helper
 def _backward_coefficients(count, s_dy, s_dy_xc, s_xc, mean, invstd, weight, training):
-    """(mu, a, mean_dy, b, dgamma) of dx = a * (dz - mean_dy - (x - mu) * b)."""
-    mu = mean
+    """(mu, a, mean_dy, b, dgamma) of dx = a * (dz - mean_dy - (x - mu) * b), in float64
+    whatever the dtype of the per-channel vectors."""
+    mu = np.float64(mean)
+    invstd = np.float64(invstd)
+    weight = np.float64(weight)
     if training:
         # re-centre on the exact batch mean (the saved mean may be rounded to float32)
         shift = s_xc / count
@@ -588,17 +591,17 @@ def _runs_backward_sums(dy, x, y, act, mean, segments, piece, part, t0, t1):
 
 
 @_jit(reduces=True)
-def _runs_backward(dy, x, y, act, mean, invstd, weight, training, piece, dx, dres, sums,
-                   t0, t1):
-    """One task per channel: sums, then dx from cache; sums[0, c] = dbeta, sums[1, c] = dgamma."""
+def _runs_backward(dy, x, y, act, mean, invstd, weight, training, piece, dx, dres, dbeta,
+                   dgamma, t0, t1):
+    """One task per channel: sums, then dx from cache; writes dbeta and dgamma."""
     length = x.shape[0] * x.shape[2]
     for c in range(t0, t1):
         s_dy, s_dy_xc, s_xc = _channel_range_backward_sums(dy, x, y, act, c, 0, length,
                                                            mean[c], piece)
-        mu, a, mean_dy, b, dgamma = _backward_coefficients(
+        mu, a, mean_dy, b, dgamma_c = _backward_coefficients(
             float(length), s_dy, s_dy_xc, s_xc, mean[c], invstd[c], weight[c], training)
-        sums[0, c] = s_dy
-        sums[1, c] = dgamma
+        dbeta[c] = s_dy
+        dgamma[c] = dgamma_c
         m, a_, g, b_ = _apply_coefficients(mu, a, mean_dy, b, x)
         _channel_range_backward_apply(dy, x, y, act, c, 0, length, m, a_, g, b_, dx, dres)
 
@@ -876,19 +879,19 @@ def _apply_columns(coefficients, c0, c1, inner, groups, like):
 
 @_helper
 def _gradient_coefficients(count, totals, mean, invstd, weight, training, c0, c1, coefficients,
-                           sums):
-    """coefficients[:, c] = (mu, a, mean_dy, b) and sums[:, c] = (dbeta, dgamma) for channels
-    c0..c1 from their backward sums totals[0..2, c]."""
+                           dbeta, dgamma):
+    """coefficients[:, c] = (mu, a, mean_dy, b), dbeta[c] and dgamma[c] for channels c0..c1
+    from their backward sums totals[0..2, c]."""
     for c in range(c0, c1):
-        mu, a, mean_dy, b, dgamma = _backward_coefficients(
+        mu, a, mean_dy, b, dgamma_c = _backward_coefficients(
             count, totals[0, c], totals[1, c], totals[2, c], mean[c], invstd[c], weight[c],
             training)
         coefficients[0, c] = mu
         coefficients[1, c] = a
         coefficients[2, c] = mean_dy
         coefficients[3, c] = b
-        sums[0, c] = totals[0, c]
-        sums[1, c] = dgamma
+        dbeta[c] = totals[0, c]
+        dgamma[c] = dgamma_c
 
 
 # ---- rows: task kernels (a task is a block of rows; block task is rows
@@ -983,7 +986,7 @@ def _blocks_forward_train(x, inner, channels, weight, bias, eps, res, act, per_t
 
 @_jit(reduces=True)
 def _blocks_backward(dy, x, y, act, inner, channels, mean, invstd, weight, training, per_task,
-                     piece, dx, dres, sums, t0, t1):
+                     piece, dx, dres, dbeta, dgamma, t0, t1):
     rows = x.shape[0]
     for task in range(t0, t1):
         c0 = task * per_task
@@ -999,7 +1002,7 @@ def _blocks_backward(dy, x, y, act, inner, channels, mean, invstd, weight, train
             _fold(part[k], c0, c1, inner, 1, totals[k])
         coefficients = np.empty((4, c1))
         _gradient_coefficients(float(rows) * inner, totals, mean, invstd, weight, training,
-                               c0, c1, coefficients, sums)
+                               c0, c1, coefficients, dbeta, dgamma)
         col_m, col_a, col_g, col_b = _apply_columns(coefficients, c0, c1, inner, 1, x)
         _rows_backward_apply(dy, x, y, act, 0, rows, c0 * inner, col_m, col_a, col_g, col_b,
                              dx, dres)
@@ -1077,9 +1080,9 @@ def _train_coefficients(stats, count, eps, weight, bias, coefficients):
 
 @_jit(reduces=False)
 def _backward_coefficients_all(count, totals, mean, invstd, weight, training, coefficients,
-                               sums):
+                               dbeta, dgamma):
     _gradient_coefficients(count, totals, mean, invstd, weight, training, 0, totals.shape[1],
-                           coefficients, sums)
+                           coefficients, dbeta, dgamma)
 
 
 @_jit(reduces=False)
@@ -1146,7 +1149,7 @@ def _rows_forward_eval_whole(x, coefficients, inner, groups, res, act, y):
 
 @_jit(reduces=True)
 def _rows_backward_whole(dy, x, y, act, mean, invstd, weight, training, inner, groups, dx, dres,
-                         sums):
+                         dbeta, dgamma):
     rows, width = x.shape
     channels = mean.shape[0]
     col_mean = np.empty(width)
@@ -1158,7 +1161,7 @@ def _rows_backward_whole(dy, x, y, act, mean, invstd, weight, training, inner, g
         _fold(part[q], 0, channels, inner, groups, totals[q])
     coefficients = np.empty((4, channels))
     _gradient_coefficients(float(rows) * inner * groups, totals, mean, invstd, weight, training,
-                           0, channels, coefficients, sums)
+                           0, channels, coefficients, dbeta, dgamma)
     col_m, col_a, col_g, col_b = _apply_columns(coefficients, 0, channels, inner, groups, x)
     _rows_backward_apply(dy, x, y, act, 0, rows, 0, col_m, col_a, col_g, col_b, dx, dres)
 
@@ -1178,6 +1181,25 @@ def _as_element_overload(value, out):
 
 @_jit(reduces=False)
 def _eval_coefficients(running_mean, running_var, weight, bias, eps, coefficients, mean, invstd):
+    _eval_coefficients_body(running_mean, running_var, weight, bias, eps, coefficients, mean,
+                            invstd)
+
+
+@_jit(reduces=False)
+def _rows_forward_eval_small(x, running_mean, running_var, weight, bias, eps, res, act, y,
+                             coefficients, mean, invstd):
+    """A small channels-last eval in one call: coefficients, outputs, y."""
+    _eval_coefficients_body(running_mean, running_var, weight, bias, eps, coefficients, mean,
+                            invstd)
+    col_m, col_s, col_b, short = _normalize_columns(
+        coefficients[0], coefficients[1], coefficients[2], coefficients[3], 0,
+        coefficients.shape[1], 1, 1, x)
+    _rows_normalize(x, 0, x.shape[0], 0, col_m, col_s, col_b, short, res, act, y)
+
+
+@_helper
+def _eval_coefficients_body(running_mean, running_var, weight, bias, eps, coefficients, mean,
+                            invstd):
     """coefficients[:, c] = (mean, scale, shift, invstd); mean/invstd outputs written."""
     for c in range(coefficients.shape[1]):
         inv = 1.0 / np.sqrt(running_var[c] + eps)
@@ -1190,10 +1212,15 @@ def _eval_coefficients(running_mean, running_var, weight, bias, eps, coefficient
 
 
 @_jit(reduces=False)
-def _write_forward_stats(stats, eps, mean, invstd):
+def _finish_forward_train(stats, eps, mean, invstd, running_mean, running_var, count, momentum):
+    """The mean and invstd outputs; then the running statistics, when given (not None) and
+    every new value is finite (returns how many channels' values are not; 0 when none given)."""
     for c in range(stats.shape[1]):
         mean[c] = stats[0, c]
         invstd[c] = 1.0 / np.sqrt(stats[1, c] + eps)
+    if running_mean is None:
+        return 0
+    return _running_update_body(running_mean, running_var, stats[0], stats[1], count, momentum)
 
 
 @_jit(reduces=False)
@@ -1212,6 +1239,11 @@ def _write_pair(values, first, second):
 
 @_jit(reduces=False)
 def _running_update(running_mean, running_var, mean, var, count, momentum):
+    return _running_update_body(running_mean, running_var, mean, var, count, momentum)
+
+
+@_helper
+def _running_update_body(running_mean, running_var, mean, var, count, momentum):
     """r = (1 - momentum) r + momentum * batch (unbiased var) for every channel, in NumPy's
     arithmetic, but only when every new value is finite in the running statistics' dtype;
     returns the number of channels whose values are not (then nothing was written)."""
@@ -1363,7 +1395,8 @@ def _plan_for(op, shape3, itemsize, inputs, mergeable=True, rows_contiguous=True
         plan.shift_rows = max(1, min(outer, _config.CPU_CHUNK_ELEMENTS
                                      // max(plan.per_task * inner, 1)))
         return plan
-    if inner == 1 and channels < _config.CPU_ROW_ELEMENTS and rows_contiguous:
+    if (inner == 1 and channels < _config.CPU_ROW_ELEMENTS and rows_contiguous
+            and outer * channels >= _config.CPU_GROUP_MIN_SIZE):
         # several rows per matrix row, so that the column loops are long (a loop's setup
         # costs about as much as 64 elements)
         want = -(-_config.CPU_ROW_ELEMENTS // channels)
@@ -1488,30 +1521,19 @@ def _constant(value, channels):
     return vector
 
 
-def _float64(v, channels, default):
-    """A per-channel vector as a contiguous float64 array (default when v is None)."""
+def _vector(v, channels, default):
+    """A per-channel vector as kernels take it: float32/float64 in its own dtype and strides
+    (kernels read it as float64), float16 as a float64 copy, None as a cached constant."""
     if v is None:
         return _constant(default, channels)
-    if v.dtype == np.float64 and v.flags.c_contiguous:
+    if v.dtype.char in "fd":
         return v
-    return np.ascontiguousarray(v, dtype=np.float64)
+    return v.astype(np.float64)
 
 
 def _direct(out):
-    """out itself when kernels can write it (contiguous float32/float64), else None."""
-    if out.dtype.char in "fd" and out.flags.c_contiguous:
-        return out
-    return None
-
-
-def _store_pair(values, first, second):
-    """first[...] = values[0], second[...] = values[1], rounded to their dtypes."""
-    if _direct(first) is not None and _direct(second) is not None:
-        _write_pair(values, first, second)
-        return
-    with np.errstate(over="ignore", invalid="ignore"):
-        first[...] = values[0]
-        second[...] = values[1]
+    """Whether kernels can write out itself (contiguous float32/float64)."""
+    return out.dtype.char in "fd" and out.flags.c_contiguous
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1585,32 +1607,35 @@ def _forward_eval_rows(plan, size, x, coefficients, res, act, y):
     _normalize_rows(plan, size, x, coefficients, res, act, y)
 
 
-def _backward_runs(plan, size, dy, x, y, act, mean, invstd, weight, training, dx, dres, sums):
+def _backward_runs(plan, size, dy, x, y, act, mean, invstd, weight, training, dx, dres, dbeta,
+                   dgamma):
     if plan.segments == 1:
         _run(_runs_backward, plan.tasks, size, dy, x, y, act, mean, invstd, weight, training,
-             _config.CPU_PIECE, dx, dres, sums)
+             _config.CPU_PIECE, dx, dres, dbeta, dgamma)
         return
     totals = _backward_reduce_runs(plan, size, dy, x, y, act, mean)
     coefficients = np.empty((4, mean.shape[0]))
     _backward_coefficients_all(float(x.shape[0] * x.shape[2]), totals, mean, invstd, weight,
-                               training, coefficients, sums)
+                               training, coefficients, dbeta, dgamma)
     _backward_apply_runs(plan, size, dy, x, y, act, coefficients, dx, dres)
 
 
-def _backward_blocks(plan, size, dy, x, y, act, mean, invstd, weight, training, dx, dres, sums):
+def _backward_blocks(plan, size, dy, x, y, act, mean, invstd, weight, training, dx, dres,
+                     dbeta, dgamma):
     _run(_blocks_backward, plan.tasks, size, dy, x, y, act, plan.inner, mean.shape[0], mean,
-         invstd, weight, training, plan.per_task, _config.CPU_PIECE, dx, dres, sums)
+         invstd, weight, training, plan.per_task, _config.CPU_PIECE, dx, dres, dbeta, dgamma)
 
 
-def _backward_rows(plan, size, dy, x, y, act, mean, invstd, weight, training, dx, dres, sums):
+def _backward_rows(plan, size, dy, x, y, act, mean, invstd, weight, training, dx, dres, dbeta,
+                   dgamma):
     if plan.blocks == 1:
         _rows_backward_whole(dy, x, y, act, mean, invstd, weight, training, plan.inner,
-                             plan.groups, dx, dres, sums)
+                             plan.groups, dx, dres, dbeta, dgamma)
         return
     totals = _backward_reduce_rows(plan, size, dy, x, y, act, mean)
     coefficients = np.empty((4, mean.shape[0]))
     _backward_coefficients_all(float(plan.rows) * plan.inner * plan.groups, totals, mean,
-                               invstd, weight, training, coefficients, sums)
+                               invstd, weight, training, coefficients, dbeta, dgamma)
     _backward_apply_rows(plan, size, dy, x, y, act, coefficients, dx, dres)
 
 
@@ -1675,21 +1700,21 @@ _small_plans = {}
 
 def _small_rows_plan(x3):
     """The plan of a small channels-last call, cached (planning costs more than their work):
-    one serial row block. None for other calls."""
-    if x3.shape[2] != 1 or x3.shape[1] < 2 or x3.size >= _config.CPU_PARALLEL_MIN_SIZE:
+    one serial row block, rows not grouped, so every x-shaped array fits its view. None for
+    other calls."""
+    shape = x3.shape
+    if shape[2] != 1 or shape[1] < 2 or x3.size >= _config.CPU_PARALLEL_MIN_SIZE:
         return None
-    rows_contiguous = _rows_contiguous(x3)
-    key = (x3.shape, rows_contiguous, _config.CPU_CHUNK_ELEMENTS, _config.CPU_MAX_TASKS,
-           _config.CPU_ROW_ELEMENTS)
-    plan = _small_plans.get(key, False)
-    if plan is False:
-        plan = _plan_for("forward_eval", x3.shape, x3.itemsize, 1, True, rows_contiguous)
+    settings = (_config.CPU_CHUNK_ELEMENTS, _config.CPU_MAX_TASKS, _config.CPU_GROUP_MIN_SIZE)
+    cached = _small_plans.get(shape)
+    if cached is None or cached[1] != settings:
+        plan = _plan_for("forward_eval", shape, x3.itemsize, 1, True, False)
         if plan.blocks != 1:
             plan = None
         if len(_small_plans) > 256:
             _small_plans.clear()
-        _small_plans[key] = plan
-    return plan
+        cached = _small_plans[shape] = (plan, settings)
+    return cached[0]
 
 
 def _channel_stats(x3):
@@ -1711,7 +1736,7 @@ def channel_moments(x3):
 def moments(x3, mean, var):
     stats = _channel_stats(x3)
     count = float(x3.shape[0] * x3.shape[2])
-    if _direct(mean) is not None and _direct(var) is not None:
+    if _direct(mean) and _direct(var):
         _write_moments(stats, count, mean, var)
         return
     with np.errstate(over="ignore", invalid="ignore"):
@@ -1726,22 +1751,38 @@ def forward_train(x3, weight, bias, eps, momentum, running_mean, running_var, ac
         return
     eps = float(eps)
     stats = np.empty((2, channels))
-    plan = _small_rows_plan(x3) or _plan("forward_train", x3, 1 if residual3 is None else 2)
-    y = _Output(plan, y3)
-    _KERNELS["forward_train", plan.kind](
-        plan, x3.size, _view(plan, x3), _float64(weight, channels, 1.0),
-        _float64(bias, channels, 0.0), eps, _input(plan, residual3),
-        _ACTIVATION_TAGS[activation], y.view, stats)
-    y.done()
-    if _direct(mean) is not None and _direct(invstd) is not None:
-        _write_forward_stats(stats, eps, mean, invstd)
+    weight = _vector(weight, channels, 1.0)
+    bias = _vector(bias, channels, 0.0)
+    act = _ACTIVATION_TAGS[activation]
+    plan = _small_rows_plan(x3)
+    if plan is not None:                        # every array fits: views without checks
+        _rows_forward_train_whole(_bits(x3)[:, :, 0], weight, bias, eps,
+                                  None if residual3 is None else _bits(residual3)[:, :, 0],
+                                  act, plan.shift_rows, 1, 1, _bits(y3)[:, :, 0], stats)
+    else:
+        plan = _plan("forward_train", x3, 1 if residual3 is None else 2)
+        y = _Output(plan, y3)
+        _KERNELS["forward_train", plan.kind](plan, x3.size, _view(plan, x3), weight, bias, eps,
+                                             _input(plan, residual3), act, y.view, stats)
+        y.done()
+    count = x3.shape[0] * x3.shape[2]
+    direct = _direct(mean) and _direct(invstd)
+    update = running_mean is not None
+    fast_update = update and _direct(running_mean) and _direct(running_var)
+    if direct:
+        # outputs and (when every new value is finite) the running statistics in one call
+        if _finish_forward_train(stats, eps, mean, invstd,
+                                 running_mean if fast_update else None,
+                                 running_var if fast_update else None,
+                                 float(count), float(momentum)) == 0 and fast_update:
+            return
     else:
         with np.errstate(over="ignore", divide="ignore"):
             mean[...] = stats[0]
             invstd[...] = 1.0 / np.sqrt(stats[1] + eps)
-    if running_mean is not None:
-        update_running_stats(running_mean, running_var, stats[0], stats[1],
-                             x3.shape[0] * x3.shape[2], momentum, warn)
+    if update:
+        update_running_stats(running_mean, running_var, stats[0], stats[1], count, momentum,
+                             warn)
 
 
 def forward_eval(x3, weight, bias, running_mean, running_var, eps, activation, residual3, y3,
@@ -1749,44 +1790,72 @@ def forward_eval(x3, weight, bias, running_mean, running_var, eps, activation, r
     channels = x3.shape[1]
     eps = float(eps)
     coefficients = np.empty((4, channels))
-    direct = _direct(mean) is not None and _direct(invstd) is not None
-    _eval_coefficients(_float64(running_mean, channels, 0.0),
-                       _float64(running_var, channels, 1.0), _float64(weight, channels, 1.0),
-                       _float64(bias, channels, 0.0), eps, coefficients,
-                       mean if direct else coefficients[0], invstd if direct else coefficients[3])
+    direct = _direct(mean) and _direct(invstd)
+    mean_out = mean if direct else coefficients[0]
+    invstd_out = invstd if direct else coefficients[3]
+    running_mean = _vector(running_mean, channels, 0.0)
+    running_var = _vector(running_var, channels, 1.0)
+    weight = _vector(weight, channels, 1.0)
+    bias = _vector(bias, channels, 0.0)
+    act = _ACTIVATION_TAGS[activation]
+    plan = _small_rows_plan(x3)
+    if plan is not None:                        # coefficients and y in one call
+        _rows_forward_eval_small(_bits(x3)[:, :, 0], running_mean, running_var, weight, bias,
+                                 eps, None if residual3 is None else _bits(residual3)[:, :, 0],
+                                 act, _bits(y3)[:, :, 0], coefficients, mean_out, invstd_out)
+    else:
+        _eval_coefficients(running_mean, running_var, weight, bias, eps, coefficients, mean_out,
+                           invstd_out)
+        if x3.size:
+            plan = _plan("forward_eval", x3, 1)
+            y = _Output(plan, y3)
+            _KERNELS["forward_eval", plan.kind](plan, x3.size, _view(plan, x3), coefficients,
+                                                _input(plan, residual3), act, y.view)
+            y.done()
     if not direct:
         with np.errstate(over="ignore"):
             mean[...] = coefficients[0]
             invstd[...] = coefficients[3]
-    if x3.size == 0:
-        return
-    plan = _small_rows_plan(x3) or _plan("forward_eval", x3, 1)
-    y = _Output(plan, y3)
-    _KERNELS["forward_eval", plan.kind](plan, x3.size, _view(plan, x3), coefficients,
-                                        _input(plan, residual3), _ACTIVATION_TAGS[activation],
-                                        y.view)
-    y.done()
 
 
 def backward(dy3, x3, mean, invstd, weight, training, activation, y3, dx3, dgamma, dbeta,
              dresidual3):
     channels = x3.shape[1]
-    sums = np.zeros((2, channels))
-    if x3.size != 0:
+    direct = _direct(dgamma) and _direct(dbeta)
+    sums = None if direct else np.empty((2, channels))
+    dbeta_out, dgamma_out = (dbeta, dgamma) if direct else (sums[0], sums[1])
+    if x3.size == 0:
+        dbeta_out[...] = 0.0
+        dgamma_out[...] = 0.0
+    else:
         act = _ACTIVATION_TAGS[activation]
         if act is None:
             y3 = None      # the derivative needs y only through an activation
-        plan = _small_rows_plan(x3) or _plan("backward", x3, 2 if y3 is None else 3)
-        dx = _Output(plan, dx3)
-        dres = _Output(plan, dresidual3)
-        _KERNELS["backward", plan.kind](plan, x3.size, _input(plan, dy3), _view(plan, x3),
-                                        _input(plan, y3), act, _float64(mean, channels, 0.0),
-                                        _float64(invstd, channels, 1.0),
-                                        _float64(weight, channels, 1.0), bool(training),
-                                        dx.view, dres.view, sums)
-        dx.done()
-        dres.done()
-    _store_pair(sums, dbeta, dgamma)
+        mean = _vector(mean, channels, 0.0)
+        invstd = _vector(invstd, channels, 1.0)
+        weight = _vector(weight, channels, 1.0)
+        training = bool(training)
+        plan = _small_rows_plan(x3)
+        if plan is not None:                    # every array fits: views without checks
+            _rows_backward_whole(_bits(dy3)[:, :, 0], _bits(x3)[:, :, 0],
+                                 None if y3 is None else _bits(y3)[:, :, 0], act, mean, invstd,
+                                 weight, training, 1, 1, _bits(dx3)[:, :, 0],
+                                 None if dresidual3 is None else _bits(dresidual3)[:, :, 0],
+                                 dbeta_out, dgamma_out)
+        else:
+            plan = _plan("backward", x3, 2 if y3 is None else 3)
+            dx = _Output(plan, dx3)
+            dres = _Output(plan, dresidual3)
+            _KERNELS["backward", plan.kind](plan, x3.size, _input(plan, dy3), _view(plan, x3),
+                                            _input(plan, y3), act, mean, invstd, weight,
+                                            training, dx.view, dres.view, dbeta_out,
+                                            dgamma_out)
+            dx.done()
+            dres.done()
+    if not direct:
+        with np.errstate(over="ignore", invalid="ignore"):
+            dbeta[...] = sums[0]
+            dgamma[...] = sums[1]
 
 
 def backward_reduce(dy3, x3, mean):
@@ -1796,7 +1865,7 @@ def backward_reduce(dy3, x3, mean):
     plan = _plan("backward_reduce", x3, 2)
     return _KERNELS["backward_reduce", plan.kind](plan, x3.size, _input(plan, dy3),
                                                   _view(plan, x3), None, None,
-                                                  _float64(mean, channels, 0.0))
+                                                  _vector(mean, channels, 0.0))
 
 
 def backward_apply(dy3, x3, mean, scale, mean_dy, coef, dx3):
@@ -1817,11 +1886,11 @@ def backward_apply(dy3, x3, mean, scale, mean_dy, coef, dx3):
 
 def update_running_stats(running_mean, running_var, mean, var, count, momentum, warn):
     """As reference.update_running_stats (the same arithmetic), in one compiled loop for
-    contiguous float32/float64 running statistics whose new values are all finite."""
-    if (_direct(running_mean) is not None and _direct(running_var) is not None
+    float32/float64 running statistics whose new values are all finite."""
+    if (_direct(running_mean) and _direct(running_var)
             and _running_update(running_mean, running_var,
-                                _float64(mean, running_mean.shape[0], 0.0),
-                                _float64(var, running_mean.shape[0], 0.0), float(count),
+                                _vector(mean, running_mean.shape[0], 0.0),
+                                _vector(var, running_mean.shape[0], 0.0), float(count),
                                 float(momentum)) == 0):
         return
     reference.update_running_stats(running_mean, running_var, mean, var, count, momentum, warn)
