@@ -997,7 +997,8 @@ def _record_signatures():
                                       invstd)
             cuda_backend.backward(x, x, mean, invstd, None, False, None, None, y, dgamma, dbeta,
                                   None)
-            cuda_backend.moments(x, put(np.zeros(channels, sdtype)), put(np.zeros(channels, sdtype)))
+            cuda_backend.moments(x, put(np.zeros(channels, sdtype)),
+                                 put(np.zeros(channels, sdtype)))
             cuda_backend.channel_moments(x)
             cuda_backend.backward_reduce(x, x, mean)
             cuda_backend.backward_apply(x, x, *(np.ones(channels) for _ in range(4)), y)
