@@ -65,7 +65,7 @@ def as_array(be, a, name):
 
 
 def data(be, x, name="x"):
-    if type(x) is np.ndarray and x.dtype in _FLOATS and x.ndim >= 2:
+    if type(x) is np.ndarray and x.dtype in _FLOATS and x.ndim >= 2 and not be.ON_DEVICE:
         return x
     x = as_array(be, x, name)
     if x.dtype not in FLOAT_DTYPES:
@@ -82,7 +82,7 @@ def data(be, x, name="x"):
 
 def like(be, a, name, x, x_name="x"):
     """An x-shaped input of x's dtype (dy, residual, y)."""
-    if type(a) is np.ndarray and a.shape == x.shape and a.dtype == x.dtype:
+    if type(a) is np.ndarray and a.shape == x.shape and a.dtype == x.dtype and not be.ON_DEVICE:
         return a
     a = as_array(be, a, name)
     if tuple(a.shape) != tuple(x.shape):
@@ -99,7 +99,8 @@ def vector(be, v, name, channels, *, updated=False, dtype=None):
     if v is None:
         return None
     if type(v) is np.ndarray and v.shape == (channels,) and v.dtype in _FLOATS \
-            and (dtype is None or v.dtype == dtype) and (not updated or v.flags.writeable):
+            and (dtype is None or v.dtype == dtype) and (not updated or v.flags.writeable) \
+            and not be.ON_DEVICE:
         return v
     if updated and not _is_array(v):
         raise TypeError(f"{name}: expected an array (it is updated in place), got "

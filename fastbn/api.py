@@ -116,7 +116,7 @@ def _forward_on(be, x, gamma, beta, activation, residual, axis, eps, training, r
         be.forward_eval(x3, a.gamma, a.beta, a.running_mean, a.running_var, a.eps, a.activation,
                         canon.view(a.residual), y3, mean, invstd)
     canon.finish(y3, y_copied, y)
-    return BatchNormOutput(y, mean, invstd)
+    return BatchNormOutput(be.result(y), be.result(mean), be.result(invstd))
 
 
 def _backward(dy, y, x, mean, invstd, gamma, activation, residual, axis, training, out,
@@ -153,7 +153,8 @@ def _backward_on(be, dy, y, x, mean, invstd, gamma, activation, residual, axis, 
                 dbeta, dresidual3)
     canon.finish(dx3, dx_copied, dx)
     canon.finish(dresidual3, dresidual_copied, dresidual)
-    return dx, dgamma, dbeta, dresidual
+    return (be.result(dx), be.result(dgamma), be.result(dbeta),
+            None if dresidual is None else be.result(dresidual))
 
 
 def batch_norm_forward(x, gamma=None, beta=None, *, axis=1, eps=1e-5, training=True,
@@ -305,7 +306,7 @@ def _moments_on(be, x, axis):
     mean = be.empty((x.shape[axis],), sdtype)
     var = be.empty((x.shape[axis],), sdtype)
     be.moments(Canonical(be, x, axis).view(x), mean, var)
-    return mean, var
+    return be.result(mean), be.result(var)
 
 
 def moments_summary(x, *, axis=1, channels=None, backend=None):

@@ -14,4 +14,4 @@ python -c "import torch" || { echo "run_all: PyTorch is not importable; its test
 echo "== lane 1: reference + cpu (and mpi, trainer) =="
 python -m pytest -q
 echo "== lane 2: cuda backend under numba's simulator (NUMBA_ENABLE_CUDASIM=1) =="
-FASTBN_TEST_BACKENDS=cuda NUMBA_ENABLE_CUDASIM=1 python -m pytest -q -m "not gpu" tests/test_backends.py tests/test_errors.py tests/test_cuda.py
+FASTBN_TEST_BACKENDS=cuda NUMBA_ENABLE_CUDASIM=1 python -m pytest -q -m "not gpu" tests/test_backends.py tests/test_errors.py tests/test_fused.py tests/test_invariants.py tests/test_contract.py tests/test_cuda.py

@@ -102,6 +102,8 @@ HELPERS = {
     "shares_memory": "shares_memory(a, b) -> bool: exact (or conservative) overlap test",
     "to_host": "to_host(a) -> a NumPy array with a's values",
     "to_device": "to_device(a) -> a's values in this backend's memory",
+    "result": "result(a) -> the caller's object for an output array (cuda: the PyTorch tensor or "
+              "CuPy array it views; host backends: a itself)",
 }
 
 ATTRIBUTES = {

@@ -78,3 +78,7 @@ def to_host(a):
 
 def to_device(a):
     return a
+
+
+def result(a):
+    return a
