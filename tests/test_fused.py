@@ -69,12 +69,13 @@ def _running(channels, dtype):
 # against the composition of the plain reference ops
 
 @given(case=bn_cases(), activation=st.sampled_from(ACTIVATIONS),
-       with_residual=st.booleans(), training=st.booleans(),
-       running_dtype=st.sampled_from(DTYPES))
+       with_residual=st.booleans(), training=st.booleans())
 def test_forward_matches_the_composition_of_plain_reference_ops(backend, case, activation,
-                                                                with_residual, training,
-                                                                running_dtype):
+                                                                with_residual, training):
     x, gamma, beta, axis, dy = case
+    # float32 running statistics for every data dtype (the plain-op tests cover their dtypes;
+    # each dtype combination is another kernel variant to compile)
+    running_dtype = np.float32
     channels = x.shape[axis]
     sdtype = fastbn.stats_dtype(x.dtype)
     residual = dy if with_residual else None          # any x-shaped array of x's dtype
