@@ -233,6 +233,11 @@ def test_bits_do_not_depend_on_in_place_or_output_layout(shape3, fused_path, ele
 
     dx_ref, dgamma_ref, dbeta_ref = grad(np.empty_like(x3))
     cases = {kind: grad(_strided_like(x3, kind)) for kind in ("F", "strided")}
+    for kind in ("F", "strided"):          # the inputs in other layouts (y from out=, say)
+        dy_other, x_other = _strided_like(x3, kind), _strided_like(x3, kind)
+        dy_other[...] = dy3
+        x_other[...] = x3
+        cases[f"dy and x {kind}"] = grad(np.empty_like(x3), dy=dy_other, x=x_other)
     dy_copy = dy3.copy()
     cases["in place over dy"] = grad(dy_copy, dy=dy_copy)
     x_copy = x3.copy()

@@ -1471,6 +1471,18 @@ def _view(plan, a3):
     return np.reshape(a3, (plan.rows, plan.width), copy=False)
 
 
+def _contiguous(a3):
+    """An input that a kernel reduces over, C-contiguous (a copy when it is not).
+
+    The reductions are vectorized sums whose order of additions is the compiled loop's (that is
+    what 'reassoc' permits); a strided input compiles to another loop and so another order. With
+    every reduced input contiguous, the bits do not depend on the caller's memory layouts (an
+    F-order y from the forward's out=, a permuted dy)."""
+    if a3 is None or a3.flags.c_contiguous:
+        return a3
+    return np.ascontiguousarray(a3)
+
+
 def _input(plan, a3):
     """The kernel view of an input, through a contiguous copy when its layout does not fit."""
     if a3 is not None and not _fits(plan, a3):
@@ -1723,6 +1735,7 @@ def _channel_stats(x3):
     if x3.size == 0:
         stats.fill(np.nan)
         return stats
+    x3 = _contiguous(x3)
     plan = _small_rows_plan(x3) or _plan("moments", x3, 1)
     _KERNELS["moments", plan.kind](plan, x3.size, _view(plan, x3), stats)
     return stats
@@ -1754,6 +1767,7 @@ def forward_train(x3, weight, bias, eps, momentum, running_mean, running_var, ac
     weight = _vector(weight, channels, 1.0)
     bias = _vector(bias, channels, 0.0)
     act = _ACTIVATION_TAGS[activation]
+    x3 = _contiguous(x3)
     plan = _small_rows_plan(x3)
     if plan is not None:                        # every array fits: views without checks
         _rows_forward_train_whole(_bits(x3)[:, :, 0], weight, bias, eps,
@@ -1835,6 +1849,7 @@ def backward(dy3, x3, mean, invstd, weight, training, activation, y3, dx3, dgamm
         invstd = _vector(invstd, channels, 1.0)
         weight = _vector(weight, channels, 1.0)
         training = bool(training)
+        dy3, x3, y3 = _contiguous(dy3), _contiguous(x3), _contiguous(y3)
         plan = _small_rows_plan(x3)
         if plan is not None:                    # every array fits: views without checks
             _rows_backward_whole(_bits(dy3)[:, :, 0], _bits(x3)[:, :, 0],
@@ -1862,6 +1877,7 @@ def backward_reduce(dy3, x3, mean):
     channels = x3.shape[1]
     if x3.size == 0:
         return np.zeros((3, channels))
+    dy3, x3 = _contiguous(dy3), _contiguous(x3)
     plan = _plan("backward_reduce", x3, 2)
     return _KERNELS["backward_reduce", plan.kind](plan, x3.size, _input(plan, dy3),
                                                   _view(plan, x3), None, None,
