@@ -1012,6 +1012,11 @@ def _blocks_backward(dy, x, y, act, inner, channels, mean, invstd, weight, train
 
 @_jit(reduces=False)
 def _merge_segments(part, segments, stats):
+    _merge_segments_body(part, segments, stats)
+
+
+@_helper
+def _merge_segments_body(part, segments, stats):
     """stats[0, c] = mean, stats[1, c] = M2 of channel c from its segments' (count, mean, M2),
     merged in order (Chan)."""
     for c in range(stats.shape[1]):
@@ -1030,6 +1035,11 @@ def _merge_segments(part, segments, stats):
 
 @_jit(reduces=False)
 def _merge_row_blocks(part, k, inner, groups, count, stats):
+    _merge_row_blocks_body(part, k, inner, groups, count, stats)
+
+
+@_helper
+def _merge_row_blocks_body(part, k, inner, groups, count, stats):
     """stats[0, c] = mean, stats[1, c] = M2 from the row blocks' per-column shifted sums, added
     in block order."""
     blocks = part.shape[0]
@@ -1045,6 +1055,11 @@ def _merge_row_blocks(part, k, inner, groups, count, stats):
 
 @_jit(reduces=False)
 def _sum_segments(part, segments, totals):
+    _sum_segments_body(part, segments, totals)
+
+
+@_helper
+def _sum_segments_body(part, segments, totals):
     """totals[q, c] = part[q, c * segments] + ... (in order)."""
     for c in range(totals.shape[1]):
         for q in range(3):
@@ -1056,6 +1071,11 @@ def _sum_segments(part, segments, totals):
 
 @_jit(reduces=False)
 def _fold_row_blocks(part, inner, groups, totals):
+    _fold_row_blocks_body(part, inner, groups, totals)
+
+
+@_helper
+def _fold_row_blocks_body(part, inner, groups, totals):
     """totals[q, c] = the sum over row blocks (in order) and over channel c's columns."""
     totals[:] = 0.0
     channels = totals.shape[1]
@@ -1064,8 +1084,8 @@ def _fold_row_blocks(part, inner, groups, totals):
             _fold(part[task, q], 0, channels, inner, groups, totals[q])
 
 
-@_jit(reduces=False)
-def _train_coefficients(stats, count, eps, weight, bias, coefficients):
+@_helper
+def _train_coefficients_body(stats, count, eps, weight, bias, coefficients):
     """stats[1] from M2 to the biased variance; coefficients[:, c] = (mean, scale, shift) and
     coefficients[3, c] = invstd."""
     for c in range(stats.shape[1]):
@@ -1076,13 +1096,6 @@ def _train_coefficients(stats, count, eps, weight, bias, coefficients):
         coefficients[1, c] = weight[c] * invstd
         coefficients[2, c] = bias[c]
         coefficients[3, c] = invstd
-
-
-@_jit(reduces=False)
-def _backward_coefficients_all(count, totals, mean, invstd, weight, training, coefficients,
-                               dbeta, dgamma):
-    _gradient_coefficients(count, totals, mean, invstd, weight, training, 0, totals.shape[1],
-                           coefficients, dbeta, dgamma)
 
 
 @_jit(reduces=False)
@@ -1099,6 +1112,43 @@ def _column_coefficients(coefficients, inner, groups, like):
 
 @_jit(reduces=False)
 def _column_gradient_coefficients(coefficients, inner, groups, like):
+    return _apply_columns(coefficients, 0, coefficients.shape[1], inner, groups, like)
+
+
+# the serial step between the two parallel phases of a split call, one compiled call each (the
+# same strict arithmetic as the steps above; fewer functions to compile)
+
+@_jit(reduces=False)
+def _segments_train_between(part, segments, count, eps, weight, bias, stats, coefficients):
+    _merge_segments_body(part, segments, stats)
+    _train_coefficients_body(stats, count, eps, weight, bias, coefficients)
+
+
+@_jit(reduces=False)
+def _rows_train_between(part, k, inner, groups, count, eps, weight, bias, stats, coefficients,
+                        like):
+    _merge_row_blocks_body(part, k, inner, groups, count, stats)
+    _train_coefficients_body(stats, count, eps, weight, bias, coefficients)
+    return _normalize_columns(coefficients[0], coefficients[1], coefficients[2],
+                              coefficients[3], 0, coefficients.shape[1], inner, groups, like)
+
+
+@_jit(reduces=False)
+def _segments_backward_between(part, segments, count, mean, invstd, weight, training,
+                               coefficients, dbeta, dgamma):
+    totals = np.empty((3, mean.shape[0]))
+    _sum_segments_body(part, segments, totals)
+    _gradient_coefficients(count, totals, mean, invstd, weight, training, 0, totals.shape[1],
+                           coefficients, dbeta, dgamma)
+
+
+@_jit(reduces=False)
+def _rows_backward_between(part, inner, groups, count, mean, invstd, weight, training,
+                           coefficients, dbeta, dgamma, like):
+    totals = np.empty((3, mean.shape[0]))
+    _fold_row_blocks_body(part, inner, groups, totals)
+    _gradient_coefficients(count, totals, mean, invstd, weight, training, 0, totals.shape[1],
+                           coefficients, dbeta, dgamma)
     return _apply_columns(coefficients, 0, coefficients.shape[1], inner, groups, like)
 
 
@@ -1579,9 +1629,11 @@ def _forward_train_runs(plan, size, x, weight, bias, eps, res, act, y, stats):
         _run(_runs_forward_train, plan.tasks, size, x, weight, bias, eps, res, act, _block(),
              _config.CPU_PIECE, y, stats)
         return
-    _moments_runs(plan, size, x, stats)
+    part = np.empty((3, plan.tasks))
+    _run(_runs_moments, plan.tasks, size, x, plan.segments, _block(), _config.CPU_PIECE, part)
     coefficients = np.empty((4, stats.shape[1]))
-    _train_coefficients(stats, float(x.shape[0] * x.shape[2]), eps, weight, bias, coefficients)
+    _segments_train_between(part, plan.segments, float(x.shape[0] * x.shape[2]), eps, weight,
+                            bias, stats, coefficients)
     _run(_runs_normalize, plan.tasks, size, x, coefficients, plan.segments, res, act, y)
 
 
@@ -1595,11 +1647,16 @@ def _forward_train_rows(plan, size, x, weight, bias, eps, res, act, y, stats):
         _rows_forward_train_whole(x, weight, bias, eps, res, act, plan.shift_rows, plan.inner,
                                   plan.groups, y, stats)
         return
-    _moments_rows(plan, size, x, stats)
+    k = np.empty(stats.shape[1])
+    shift = _rows_shift(x, plan.shift_rows, stats.shape[1], plan.inner, plan.groups, k)
+    part = np.empty((plan.blocks, 2, plan.width))
+    _run(_rows_moments, plan.tasks, size, x, shift, plan.blocks, part)
     coefficients = np.empty((4, stats.shape[1]))
-    _train_coefficients(stats, float(plan.rows) * plan.inner * plan.groups, eps, weight, bias,
-                        coefficients)
-    _normalize_rows(plan, size, x, coefficients, res, act, y)
+    col_m, col_s, col_b, short = _rows_train_between(
+        part, k, plan.inner, plan.groups, float(plan.rows) * plan.inner * plan.groups, eps,
+        weight, bias, stats, coefficients, x)
+    _run(_rows_normalize_blocks, plan.tasks, size, x, col_m, col_s, col_b, short, res, act,
+         plan.blocks, y)
 
 
 def _normalize_rows(plan, size, x, coefficients, res, act, y):
@@ -1625,10 +1682,12 @@ def _backward_runs(plan, size, dy, x, y, act, mean, invstd, weight, training, dx
         _run(_runs_backward, plan.tasks, size, dy, x, y, act, mean, invstd, weight, training,
              _config.CPU_PIECE, dx, dres, dbeta, dgamma)
         return
-    totals = _backward_reduce_runs(plan, size, dy, x, y, act, mean)
+    part = np.empty((3, plan.tasks))
+    _run(_runs_backward_sums, plan.tasks, size, dy, x, y, act, mean, plan.segments,
+         _config.CPU_PIECE, part)
     coefficients = np.empty((4, mean.shape[0]))
-    _backward_coefficients_all(float(x.shape[0] * x.shape[2]), totals, mean, invstd, weight,
-                               training, coefficients, dbeta, dgamma)
+    _segments_backward_between(part, plan.segments, float(x.shape[0] * x.shape[2]), mean,
+                               invstd, weight, training, coefficients, dbeta, dgamma)
     _backward_apply_runs(plan, size, dy, x, y, act, coefficients, dx, dres)
 
 
@@ -1644,11 +1703,17 @@ def _backward_rows(plan, size, dy, x, y, act, mean, invstd, weight, training, dx
         _rows_backward_whole(dy, x, y, act, mean, invstd, weight, training, plan.inner,
                              plan.groups, dx, dres, dbeta, dgamma)
         return
-    totals = _backward_reduce_rows(plan, size, dy, x, y, act, mean)
+    col_mean = np.empty(plan.width)
+    _spread_columns(mean, plan.inner, plan.groups, col_mean)
+    part = np.empty((plan.blocks, 3, plan.width))
+    _run(_rows_backward_sums_blocks, plan.tasks, size, dy, x, y, act, col_mean, plan.blocks,
+         part)
     coefficients = np.empty((4, mean.shape[0]))
-    _backward_coefficients_all(float(plan.rows) * plan.inner * plan.groups, totals, mean,
-                               invstd, weight, training, coefficients, dbeta, dgamma)
-    _backward_apply_rows(plan, size, dy, x, y, act, coefficients, dx, dres)
+    col_m, col_a, col_g, col_b = _rows_backward_between(
+        part, plan.inner, plan.groups, float(plan.rows) * plan.inner * plan.groups, mean,
+        invstd, weight, training, coefficients, dbeta, dgamma, x)
+    _run(_rows_backward_apply_blocks, plan.tasks, size, dy, x, y, act, col_m, col_a, col_g,
+         col_b, plan.blocks, dx, dres)
 
 
 def _backward_reduce_runs(plan, size, dy, x, y, act, mean):
