@@ -135,6 +135,9 @@ def _foreign_cpu_ticks():
     return busy - (own.user + own.system) * _TICKS_PER_S
 
 
+MAX_DISCARDED = None          # rounds thrown away per measurement, at most (None: 6 x rounds)
+
+
 def measure(callables, rounds, slow=(), slow_rounds=3, min_sample_s=2e-3, max_foreign=0.1):
     """Interleaved rounds: each round times every callable once (a callable shorter than
     min_sample_s is repeated inside its sample), so load from elsewhere hits all of them alike.
@@ -164,7 +167,8 @@ def measure(callables, rounds, slow=(), slow_rounds=3, min_sample_s=2e-3, max_fo
                 fn()
             this_round[name] = (time.perf_counter() - start) / n
         foreign_after = _foreign_cpu_ticks()
-        if foreign_before is not None and discarded < 6 * rounds:
+        most = 6 * rounds if MAX_DISCARDED is None else MAX_DISCARDED
+        if foreign_before is not None and discarded < most:
             capacity = (time.perf_counter() - wall_before) * _TICKS_PER_S * ncpu
             if foreign_after - foreign_before > 1 + max_foreign * capacity:
                 discarded += 1
@@ -759,6 +763,8 @@ def main(argv=None):
     ap.add_argument("--trainer-repeats", type=int, default=11)
     ap.add_argument("--warmup-timeout", type=int, default=300, help="seconds the cold "
                     "fastbn.warmup() may take before it is stopped (and reported as such)")
+    ap.add_argument("--max-discarded", type=int, default=None, help="rounds thrown away for "
+                    "other processes' load per measurement, at most (default 6 x rounds)")
     ap.add_argument("--no-scaling", action="store_true", help="leave out the scaling section")
     ap.add_argument("--no-compile", action="store_true", help="leave out the cold section")
     ap.add_argument("--no-docs", action="store_true",
@@ -785,6 +791,8 @@ def main(argv=None):
         sections = [s for s in sections if s != "cold"]
     if not args.no_docs:      # fail before measuring if a marker is missing
         check_markers(args.docs, args.readme)
+    global MAX_DISCARDED
+    MAX_DISCARDED = args.max_discarded
     if args.threads:
         registry.set_num_threads(args.threads)
     impls, skipped = registry.available()
