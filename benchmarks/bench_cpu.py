@@ -761,6 +761,8 @@ def main(argv=None):
     ap.add_argument("--small-threads", default="1,2", help="thread counts of the small section")
     ap.add_argument("--trainer-steps", type=int, default=200)
     ap.add_argument("--trainer-repeats", type=int, default=11)
+    ap.add_argument("--cold-dtypes", default="float16,float32,float64",
+                    help="dtypes of the cold section")
     ap.add_argument("--warmup-timeout", type=int, default=300, help="seconds the cold "
                     "fastbn.warmup() may take before it is stopped (and reported as such)")
     ap.add_argument("--max-discarded", type=int, default=None, help="rounds thrown away for "
@@ -889,7 +891,8 @@ def main(argv=None):
     if "cold" in sections:
         since = time.perf_counter()
         from . import cold_start
-        result["cold_start"] = cold_start.measure(warmup_timeout=args.warmup_timeout)
+        result["cold_start"] = cold_start.measure(dtypes=tuple(args.cold_dtypes.split(",")),
+                                                  warmup_timeout=args.warmup_timeout)
         print(cold_table(result["cold_start"]))
         done("cold", since)
     result["elapsed_s"] = time.perf_counter() - started
