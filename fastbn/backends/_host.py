@@ -38,10 +38,12 @@ def is_writeable(a):
 
 def view3(a, shape3, strides3):
     if a.flags.c_contiguous:
-        # a C-contiguous array's canonical view is its C-order reshape (cheaper than as_strided)
+        # a C-contiguous array's canonical view is usually its C-order reshape (cheaper than
+        # as_strided); strides of length-1 dimensions do not matter
         view = a.reshape(shape3)
-        if view.strides == strides3 or all(s == t or n <= 1 for s, t, n in
-                                           zip(view.strides, strides3, shape3)):
+        vs = view.strides
+        if ((vs[0] == strides3[0] or shape3[0] <= 1) and (vs[1] == strides3[1] or shape3[1] <= 1)
+                and (vs[2] == strides3[2] or shape3[2] <= 1)):
             return view
     return as_strided(a, shape=shape3, strides=strides3)
 
