@@ -685,6 +685,8 @@ def check_markers(docs, readme):
 def readme_block(result):
     m = result["machine"]
     parts = [f"Machine: {machine_line(m)}.", CONVENTIONS]
+    if result.get("note"):
+        parts.insert(0, f"**{result['note']}**")
     if result.get("results"):
         parts.append(f"Large tensors, {result['results'][0]['threads']} threads:\n\n"
                      + summary_table(result["results"]))
@@ -704,6 +706,8 @@ def render(result, docs=DOCS, readme=README):
     check_markers(docs, readme)
     present = _markers(docs)
     head = f"Machine: {machine_line(m)}.\n\n{CONVENTIONS}\n\n"
+    if result.get("note"):
+        head = f"**{result['note']}**\n\n" + head
     blocks = {}
     if result.get("results"):
         blocks["bench:cpu"] = head + full_table(result["results"])
@@ -846,6 +850,7 @@ def main(argv=None):
         since = time.perf_counter()
         for case in pick(SMOKE_CASES if args.smoke else FULL_CASES):
             result["results"] += run_case(case, impls, rounds, slow_rounds=slow_rounds)
+            save()
         done("large", since)
     result["machine"]["numba_threading_layer"] = _threading_layer()
     if "scaling" in sections:
@@ -871,6 +876,7 @@ def main(argv=None):
             for case in pick(SMOKE_FUSED_CASES if args.smoke else FUSED_CASES):
                 result["fused"] += run_case(case, fused_impls, rounds, ops=FUSED_OPERATIONS,
                                             slow_rounds=slow_rounds, section="fused")
+                save()
         else:
             print("fastbn has no batch_norm_act_forward: no fused section", flush=True)
         done("fused", since)
@@ -881,7 +887,7 @@ def main(argv=None):
         done("trainer", since)
     if "tasks" in sections:
         cases = pick(SMOKE_CASES if args.smoke else
-                     FULL_CASES + tuple(c for c in SMALL_CASES if c.dtype == "float32"))
+                     list(FULL_CASES) + [c for c in SMALL_CASES if c.dtype == "float32"])
         try:
             table, note = task_counts(cases)
         except Exception as e:                         # the cpu plan changed shape
