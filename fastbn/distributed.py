@@ -18,6 +18,7 @@ mpi4py is imported only when a communicator is needed: ``import fastbn`` never i
 import os
 import sys
 import threading
+import time
 import traceback
 import warnings
 import zlib
@@ -84,6 +85,9 @@ def _abort(comm, op_name, exc):
                      f"fastbn.distributed: aborting the MPI job (the other ranks would "
                      f"otherwise wait for rank {rank} forever)\n")
     sys.stderr.flush()
+    # let the launcher forward the message first: MPI_Abort kills the job's processes, and
+    # output still in mpiexec's pipes is lost with them (seen under load: an empty log)
+    time.sleep(0.5)
     comm.Abort(1)
     os._exit(1)   # Abort does not return; if an MPI in a broken state lets it, still stop here
 
