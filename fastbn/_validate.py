@@ -5,6 +5,7 @@ statistic has been touched. Errors name the argument, what was expected and what
 Kernels assume what these functions establish.
 """
 import math
+import warnings
 from typing import NamedTuple
 
 import numpy as np
@@ -434,3 +435,11 @@ def backward(be, dy, x, mean, invstd, gamma, *, axis, training, activation_value
     return Backward(dy, x, y, mean, invstd, gamma, axis, training, activation_value, count,
                     residual, dx_out, dgamma_out, dbeta_out,
                     dresidual_out)
+
+
+def warn_nonfinite(channels, stacklevel=5):
+    """The warning host backends give, through their ``warn`` argument, before they change any
+    running statistic (it may raise: then nothing has changed)."""
+    warnings.warn(f"batch_norm_forward: batch statistics are not finite (in the running "
+                  f"statistics' dtype) in channels {channels}; their running statistics were "
+                  f"left unchanged", RuntimeWarning, stacklevel=stacklevel)

@@ -5,7 +5,6 @@ statistic has been touched. Then each operation is a single call of the backend'
 the same name (``backends/_contract.py``), which writes every output and updates the running
 statistics itself. Nothing per channel is computed here.
 """
-import warnings
 from typing import NamedTuple
 
 import numpy as np
@@ -72,13 +71,6 @@ class Canonical:
             self.be.scatter3(target, view3, self.layout.perm)
 
 
-def _warn_nonfinite(channels):
-    """Called by a host backend before it changes any running statistic (it may raise)."""
-    warnings.warn(f"batch_norm_forward: batch statistics are not finite (in the running "
-                  f"statistics' dtype) in channels {channels}; their running statistics were "
-                  f"left unchanged", RuntimeWarning, stacklevel=5)
-
-
 # ----------------------------------------------------------------------------------------------
 # public operations
 
@@ -110,8 +102,8 @@ def _forward_on(be, x, gamma, beta, activation, residual, axis, eps, training, r
     y3, y_copied = canon.output(y)
     if a.training:
         be.forward_train(x3, a.gamma, a.beta, a.eps, a.momentum, a.running_mean, a.running_var,
-                         a.activation, canon.view(a.residual), _warn_nonfinite, y3, mean,
-                         invstd)
+                         a.activation, canon.view(a.residual), _validate.warn_nonfinite, y3,
+                         mean, invstd)
     else:
         be.forward_eval(x3, a.gamma, a.beta, a.running_mean, a.running_var, a.eps, a.activation,
                         canon.view(a.residual), y3, mean, invstd)

@@ -20,7 +20,6 @@ import sys
 import threading
 import time
 import traceback
-import warnings
 import zlib
 
 import numpy as np
@@ -270,18 +269,13 @@ def batch_norm_forward(x, gamma=None, beta=None, *, comm=None, axis=1, eps=1e-5,
         canon.finish(y3, y_copied, y)
         if a.running_mean is not None:
             be.update_running_stats(a.running_mean, a.running_var, mean_be, var_be, total,
-                                    a.momentum, _warn_nonfinite)
+                                    a.momentum,
+                                    lambda channels: _validate.warn_nonfinite(channels, 4))
     except Warning:
         raise   # a warning turned into an error: the same on every rank, nothing changed
     except Exception as exc:
         _abort(comm, op_name, exc)
     return BatchNormOutput(y, mean, invstd)
-
-
-def _warn_nonfinite(channels):
-    warnings.warn(f"batch_norm_forward: batch statistics are not finite (in the running "
-                  f"statistics' dtype) in channels {channels}; their running statistics were "
-                  f"left unchanged", RuntimeWarning, stacklevel=4)
 
 
 def batch_norm_backward(dy, x, mean, invstd, gamma=None, *, comm=None, axis=1, backend=None):
