@@ -84,9 +84,17 @@ def _jit(reduces):
 
 
 def _helper(fn):
-    # inlined into the Numba IR of each caller: it takes the caller's flags, and no separately
-    # compiled symbol exists that a cache-loading process could resolve differently
+    # inlined into the Numba IR of each caller (the hot loops): it takes the caller's flags, so
+    # a reducing kernel's sums in it may reassociate (and vectorize)
     return njit(inline="always", **dict(_config.CPU_JIT_OPTIONS, fastmath=False))(fn)
+
+
+def _serial(fn):
+    # the per-channel steps (coefficients, merges, shifts: once per task, not per element):
+    # compiled once per signature with strict IEEE arithmetic and shared by every kernel that
+    # calls them (LLVM links them into the caller's code). Inlining them into each caller's
+    # Numba IR instead costs seconds of compile time per kernel specialization.
+    return njit(**dict(_config.CPU_JIT_OPTIONS, fastmath=False))(fn)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -662,7 +670,7 @@ def _spread(values, c0, c1, inner, groups, columns):
                     run[i] = value
 
 
-@_helper
+@_serial
 def _shifts(x, shift_rows, j0, c0, c1, inner, groups):
     """The shift K of channels c0..c1: their mean over the first shift_rows rows; returned per
     channel (an array of length c1) and per column."""
@@ -682,7 +690,7 @@ def _shifts(x, shift_rows, j0, c0, c1, inner, groups):
     return k, columns
 
 
-@_helper
+@_serial
 def _finish_moments(s1, s2, k, c0, c1, inner, groups, count, mean, m2):
     """mean = K + S1/n, M2 = S2 - S1^2/n from per-column shifted sums."""
     t1 = np.zeros(c1)
@@ -823,7 +831,7 @@ def _rows_backward_apply(dy, x, y, act, r0, r1, j0, m, a, g, b, dx, dres):
 _SHORT_FORM = 16.0
 
 
-@_helper
+@_serial
 def _normalize_columns(mean, scale, shift, invstd, c0, c1, inner, groups, like):
     """Per-column coefficients of channels c0..c1 and whether the short form applies.
 
@@ -853,7 +861,7 @@ def _normalize_columns(mean, scale, shift, invstd, c0, c1, inner, groups, like):
     return col_m, col_s, col_b, short
 
 
-@_helper
+@_serial
 def _apply_columns(coefficients, c0, c1, inner, groups, like):
     """Per-column (m, a, g, b) of dx = a * ((dz - g) - (x - m) * b) for channels c0..c1 from
     float64 coefficients[0..3, c] = (mu, a, mean_dy, b)."""
@@ -877,7 +885,7 @@ def _apply_columns(coefficients, c0, c1, inner, groups, like):
     return col_m, col_a, col_g, col_b
 
 
-@_helper
+@_serial
 def _gradient_coefficients(count, totals, mean, invstd, weight, training, c0, c1, coefficients,
                            dbeta, dgamma):
     """coefficients[:, c] = (mu, a, mean_dy, b), dbeta[c] and dgamma[c] for channels c0..c1
@@ -901,7 +909,8 @@ def _gradient_coefficients(count, totals, mean, invstd, weight, training, c0, c1
 def _rows_shift(x, shift_rows, channels, inner, groups, k):
     """k[c] = the shift of channel c; returns it per column."""
     kc, columns = _shifts(x, shift_rows, 0, 0, channels, inner, groups)
-    k[:] = kc
+    for c in range(channels):      # (a loop: a slice copy compiles a shape-mismatch error path)
+        k[c] = kc[c]
     return columns
 
 
@@ -1015,7 +1024,7 @@ def _merge_segments(part, segments, stats):
     _merge_segments_body(part, segments, stats)
 
 
-@_helper
+@_serial
 def _merge_segments_body(part, segments, stats):
     """stats[0, c] = mean, stats[1, c] = M2 of channel c from its segments' (count, mean, M2),
     merged in order (Chan)."""
@@ -1038,7 +1047,7 @@ def _merge_row_blocks(part, k, inner, groups, count, stats):
     _merge_row_blocks_body(part, k, inner, groups, count, stats)
 
 
-@_helper
+@_serial
 def _merge_row_blocks_body(part, k, inner, groups, count, stats):
     """stats[0, c] = mean, stats[1, c] = M2 from the row blocks' per-column shifted sums, added
     in block order."""
@@ -1058,7 +1067,7 @@ def _sum_segments(part, segments, totals):
     _sum_segments_body(part, segments, totals)
 
 
-@_helper
+@_serial
 def _sum_segments_body(part, segments, totals):
     """totals[q, c] = part[q, c * segments] + ... (in order)."""
     for c in range(totals.shape[1]):
@@ -1074,7 +1083,7 @@ def _fold_row_blocks(part, inner, groups, totals):
     _fold_row_blocks_body(part, inner, groups, totals)
 
 
-@_helper
+@_serial
 def _fold_row_blocks_body(part, inner, groups, totals):
     """totals[q, c] = the sum over row blocks (in order) and over channel c's columns."""
     totals[:] = 0.0
@@ -1084,7 +1093,7 @@ def _fold_row_blocks_body(part, inner, groups, totals):
             _fold(part[task, q], 0, channels, inner, groups, totals[q])
 
 
-@_helper
+@_serial
 def _train_coefficients_body(stats, count, eps, weight, bias, coefficients):
     """stats[1] from M2 to the biased variance; coefficients[:, c] = (mean, scale, shift) and
     coefficients[3, c] = invstd."""
@@ -1247,7 +1256,7 @@ def _rows_forward_eval_small(x, running_mean, running_var, weight, bias, eps, re
     _rows_normalize(x, 0, x.shape[0], 0, col_m, col_s, col_b, short, res, act, y)
 
 
-@_helper
+@_serial
 def _eval_coefficients_body(running_mean, running_var, weight, bias, eps, coefficients, mean,
                             invstd):
     """coefficients[:, c] = (mean, scale, shift, invstd); mean/invstd outputs written."""
@@ -1292,7 +1301,7 @@ def _running_update(running_mean, running_var, mean, var, count, momentum):
     return _running_update_body(running_mean, running_var, mean, var, count, momentum)
 
 
-@_helper
+@_serial
 def _running_update_body(running_mean, running_var, mean, var, count, momentum):
     """r = (1 - momentum) r + momentum * batch (unbiased var) for every channel, in NumPy's
     arithmetic, but only when every new value is finite in the running statistics' dtype;
@@ -1498,12 +1507,10 @@ def plan_tasks(shape3, itemsize, op):
 
 
 def _fits(plan, a3):
-    """Whether the plan's view of a3 exists without a copy."""
-    if plan.kind == RUNS:
-        return True
-    if plan.inner == 1:
-        return plan.groups == 1 or _rows_contiguous(a3)
-    return _mergeable(a3)
+    """Whether a kernel takes a3 as it is: C-contiguous (then every plan's view exists).
+    Kernels compile for contiguous x-shaped arrays only, one type per dtype, not one per
+    layout; the other layouts (rare: out= views, Fortran order) go through a copy."""
+    return a3.flags.c_contiguous
 
 
 def _view(plan, a3):
@@ -1570,27 +1577,48 @@ def _block():
 _constants = {}
 
 
-def _constant(value, channels):
-    """A read-only float64 vector of value, cached per channel count (identity gamma/beta)."""
-    key = (value, channels)
+def _constant(value, channels, dtype):
+    """A vector of value, cached per (channel count, dtype) (identity gamma/beta). Private:
+    never handed out nor written; writeable, so that it has the type of the caller's vectors
+    (Numba compiles read-only arrays separately)."""
+    key = (value, channels, dtype)
     vector = _constants.get(key)
     if vector is None:
-        vector = np.full(channels, value)
-        vector.flags.writeable = False
+        vector = np.full(channels, value, dtype)
         if len(_constants) > 64:
             _constants.clear()
         _constants[key] = vector
     return vector
 
 
-def _vector(v, channels, default):
-    """A per-channel vector as kernels take it: float32/float64 in its own dtype and strides
-    (kernels read it as float64), float16 as a float64 copy, None as a cached constant."""
-    if v is None:
-        return _constant(default, channels)
-    if v.dtype.char in "fd":
-        return v
-    return v.astype(np.float64)
+def _plain(v):
+    """Whether a kernel can take vector v as it is: contiguous, writeable float32/float64."""
+    return v.dtype.char in "fd" and v.flags.c_contiguous and v.flags.writeable
+
+
+def _vectors(channels, *pairs):
+    """The per-channel input vectors of one kernel call, (vector or None, default) pairs, in one
+    type: as they are when every given one is a contiguous, writeable vector of one dtype
+    (float32 or float64: the common case costs nothing); otherwise all as contiguous float64
+    copies (exact: kernels read every value as float64). None becomes a cached constant vector.
+    So a kernel compiles for two vector types, not for every mix of dtypes and layouts."""
+    dtype = None
+    for v, _ in pairs:
+        if v is None:
+            continue
+        if dtype is None and _plain(v):
+            dtype = v.dtype
+        elif v.dtype != dtype or not _plain(v):
+            dtype = _FLOAT64
+            break
+    if dtype is None:
+        dtype = _FLOAT64
+    return tuple(_constant(default, channels, dtype) if v is None
+                 else v if v.dtype == dtype and _plain(v) else np.array(v, dtype)
+                 for v, default in pairs)
+
+
+_FLOAT64 = np.dtype(np.float64)
 
 
 def _direct(out):
@@ -1775,13 +1803,16 @@ _KERNELS = {
 _small_plans = {}
 
 
-def _small_rows_plan(x3):
+def _small_rows_plan(x3, *others):
     """The plan of a small channels-last call, cached (planning costs more than their work):
-    one serial row block, rows not grouped, so every x-shaped array fits its view. None for
-    other calls."""
+    one serial row block, rows not grouped. None for other calls, and when any of the other
+    x-shaped arrays (None or arrays) is not C-contiguous (then the general path copies)."""
     shape = x3.shape
     if shape[2] != 1 or shape[1] < 2 or x3.size >= _config.CPU_PARALLEL_MIN_SIZE:
         return None
+    for a in others:
+        if a is not None and not a.flags.c_contiguous:
+            return None
     settings = (_config.CPU_CHUNK_ELEMENTS, _config.CPU_MAX_TASKS, _config.CPU_GROUP_MIN_SIZE)
     cached = _small_plans.get(shape)
     if cached is None or cached[1] != settings:
@@ -1829,11 +1860,10 @@ def forward_train(x3, weight, bias, eps, momentum, running_mean, running_var, ac
         return
     eps = float(eps)
     stats = np.empty((2, channels))
-    weight = _vector(weight, channels, 1.0)
-    bias = _vector(bias, channels, 0.0)
+    weight, bias = _vectors(channels, (weight, 1.0), (bias, 0.0))
     act = _ACTIVATION_TAGS[activation]
     x3 = _contiguous(x3)
-    plan = _small_rows_plan(x3)
+    plan = _small_rows_plan(x3, y3, residual3)
     if plan is not None:                        # every array fits: views without checks
         _rows_forward_train_whole(_bits(x3)[:, :, 0], weight, bias, eps,
                                   None if residual3 is None else _bits(residual3)[:, :, 0],
@@ -1847,7 +1877,8 @@ def forward_train(x3, weight, bias, eps, momentum, running_mean, running_var, ac
     count = x3.shape[0] * x3.shape[2]
     direct = _direct(mean) and _direct(invstd)
     update = running_mean is not None
-    fast_update = update and _direct(running_mean) and _direct(running_var)
+    fast_update = (update and _direct(running_mean) and _direct(running_var)
+                   and running_mean.dtype == running_var.dtype == mean.dtype)
     if direct:
         # outputs and (when every new value is finite) the running statistics in one call
         if _finish_forward_train(stats, eps, mean, invstd,
@@ -1872,12 +1903,11 @@ def forward_eval(x3, weight, bias, running_mean, running_var, eps, activation, r
     direct = _direct(mean) and _direct(invstd)
     mean_out = mean if direct else coefficients[0]
     invstd_out = invstd if direct else coefficients[3]
-    running_mean = _vector(running_mean, channels, 0.0)
-    running_var = _vector(running_var, channels, 1.0)
-    weight = _vector(weight, channels, 1.0)
-    bias = _vector(bias, channels, 0.0)
+    running_mean, running_var, weight, bias = _vectors(
+        channels, (running_mean, 0.0), (running_var, 1.0), (weight, 1.0), (bias, 0.0))
     act = _ACTIVATION_TAGS[activation]
-    plan = _small_rows_plan(x3)
+    x3 = _contiguous(x3)
+    plan = _small_rows_plan(x3, y3, residual3)
     if plan is not None:                        # coefficients and y in one call
         _rows_forward_eval_small(_bits(x3)[:, :, 0], running_mean, running_var, weight, bias,
                                  eps, None if residual3 is None else _bits(residual3)[:, :, 0],
@@ -1910,12 +1940,10 @@ def backward(dy3, x3, mean, invstd, weight, training, activation, y3, dx3, dgamm
         act = _ACTIVATION_TAGS[activation]
         if act is None:
             y3 = None      # the derivative needs y only through an activation
-        mean = _vector(mean, channels, 0.0)
-        invstd = _vector(invstd, channels, 1.0)
-        weight = _vector(weight, channels, 1.0)
+        mean, invstd, weight = _vectors(channels, (mean, 0.0), (invstd, 1.0), (weight, 1.0))
         training = bool(training)
         dy3, x3, y3 = _contiguous(dy3), _contiguous(x3), _contiguous(y3)
-        plan = _small_rows_plan(x3)
+        plan = _small_rows_plan(x3, dx3, dresidual3)
         if plan is not None:                    # every array fits: views without checks
             _rows_backward_whole(_bits(dy3)[:, :, 0], _bits(x3)[:, :, 0],
                                  None if y3 is None else _bits(y3)[:, :, 0], act, mean, invstd,
@@ -1946,7 +1974,7 @@ def backward_reduce(dy3, x3, mean):
     plan = _plan("backward_reduce", x3, 2)
     return _KERNELS["backward_reduce", plan.kind](plan, x3.size, _input(plan, dy3),
                                                   _view(plan, x3), None, None,
-                                                  _vector(mean, channels, 0.0))
+                                                  _vectors(channels, (mean, 0.0))[0])
 
 
 def backward_apply(dy3, x3, mean, scale, mean_dy, coef, dx3):
@@ -1958,6 +1986,7 @@ def backward_apply(dy3, x3, mean, scale, mean_dy, coef, dx3):
     coefficients[1] = scale
     coefficients[2] = mean_dy
     coefficients[3] = coef
+    dy3, x3 = _contiguous(dy3), _contiguous(x3)
     plan = _plan("backward_apply", x3, 2)
     dx = _Output(plan, dx3)
     _KERNELS["backward_apply", plan.kind](plan, x3.size, _input(plan, dy3), _view(plan, x3),
@@ -1969,9 +1998,9 @@ def update_running_stats(running_mean, running_var, mean, var, count, momentum, 
     """As reference.update_running_stats (the same arithmetic), in one compiled loop for
     float32/float64 running statistics whose new values are all finite."""
     if (_direct(running_mean) and _direct(running_var)
+            and running_mean.dtype == running_var.dtype
             and _running_update(running_mean, running_var,
-                                _vector(mean, running_mean.shape[0], 0.0),
-                                _vector(var, running_mean.shape[0], 0.0), float(count),
-                                float(momentum)) == 0):
+                                *_vectors(running_mean.shape[0], (mean, 0.0), (var, 0.0)),
+                                float(count), float(momentum)) == 0):
         return
     reference.update_running_stats(running_mean, running_var, mean, var, count, momentum, warn)
