@@ -227,6 +227,11 @@ def empty(shape, dtype):
     return _POOL.empty(shape, dtype)
 
 
+def min_bytes():
+    """Outputs smaller than this many bytes are plain ``np.empty`` arrays."""
+    return _POOL.min_bytes
+
+
 def empty_like(a):
     """``np.empty_like(a, order="K")``, from the output pool when large."""
     return _POOL.empty_like(a)

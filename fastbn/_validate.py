@@ -244,13 +244,13 @@ def _plain_vector(v, channels):
 
 def _owners(*arrays):
     """Distinct arrays that each own their memory: none of them can overlap another."""
-    seen = set()
-    for a in arrays:
-        if a is None:
-            continue
-        if a.base is not None or not a.flags.owndata or id(a) in seen:
+    given = [a for a in arrays if a is not None]
+    for i, a in enumerate(given):
+        if a.base is not None or not a.flags.owndata:
             return False
-        seen.add(id(a))
+        for b in given[i + 1:]:
+            if a is b:
+                return False
     return True
 
 

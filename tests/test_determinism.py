@@ -264,3 +264,44 @@ def test_compiling_and_cache_loading_processes_give_the_same_bits(tmp_path):
     parallel = {k.replace("parallel ", "", 1): v for k, v in loaded.items()
                 if k.startswith("parallel")}
     _assert_same_bits(parallel, serial, "cached parallel kernels vs compiled serial kernels")
+
+
+def _vector_kinds(values):
+    """The same per-channel values as every kind of vector a caller may pass: float16, float32
+    and float64, read-only, strided (values exactly representable in float16)."""
+    readonly = values.astype(np.float32)
+    readonly.flags.writeable = False
+    strided = np.repeat(values.astype(np.float64), 2)[::2]
+    return {"float16": values.astype(np.float16), "float32": values.astype(np.float32),
+            "float64": values.astype(np.float64), "read-only": readonly, "strided": strided}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape, axis", [((60, 100), 1), ((17, 40, 7, 7), 1), ((2, 40, 451), 1),
+                                         ((40, 7, 7, 24), -1)],
+                         ids=["60x100", "7x7", "runs", "NHWC"])
+def test_vector_dtype_and_layout_do_not_change_the_bits(shape, axis, dtype):
+    """The cpu backend hands its kernels the per-channel vectors in one dtype (as they are, or
+    all as float64 copies): the values are the same, so the bits must be too."""
+    x, dy, residual, _, _ = _problem(shape, axis, dtype)
+    channels = shape[axis]
+    rng = np.random.default_rng(1)
+    gammas = _vector_kinds(rng.uniform(0.5, 2, channels).astype(np.float16))
+    betas = _vector_kinds(rng.standard_normal(channels).astype(np.float16))
+    results = {}
+    for kind in gammas:
+        for beta_kind in ("float32", kind):
+            gamma, beta = gammas[kind], betas[beta_kind]
+            fwd = fastbn.batch_norm_act_forward(x, gamma, beta, activation="relu",
+                                                residual=residual, axis=axis, backend="cpu")
+            ev = fastbn.batch_norm_forward(x, gamma, beta, axis=axis, training=False,
+                                           running_mean=fwd.mean, running_var=fwd.invstd,
+                                           backend="cpu")
+            grads = fastbn.batch_norm_backward(dy, x, fwd.mean, fwd.invstd, gamma, axis=axis,
+                                               backend="cpu")
+            results[kind, beta_kind] = dict(y=fwd.y, mean=fwd.mean, invstd=fwd.invstd,
+                                            eval=ev.y, dx=grads.dx, dgamma=grads.dgamma,
+                                            dbeta=grads.dbeta)
+    want = results["float32", "float32"]
+    for key, got in results.items():
+        _assert_same_bits(got, want, f"gamma {key[0]}, beta {key[1]} vs float32")

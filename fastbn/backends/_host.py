@@ -23,7 +23,10 @@ def asarray(a, name):
 
 
 def empty(shape, dtype):
-    # large outputs reuse freed blocks (fastbn._pool): new pages cost more than the kernels
+    # large outputs reuse freed blocks (fastbn._pool): new pages cost more than the kernels;
+    # per-channel vectors are small (checked first: it is most calls)
+    if len(shape) == 1 and shape[0] * 8 < _pool.min_bytes():
+        return np.empty(shape, dtype)
     return _pool.empty(shape, dtype)
 
 

@@ -1593,32 +1593,33 @@ def _constant(value, channels, dtype):
 
 def _plain(v):
     """Whether a kernel can take vector v as it is: contiguous, writeable float32/float64."""
-    return v.dtype.char in "fd" and v.flags.c_contiguous and v.flags.writeable
+    flags = v.flags
+    return v.dtype.char in "fd" and flags.c_contiguous and flags.writeable
 
 
-def _vectors(channels, *pairs):
-    """The per-channel input vectors of one kernel call, (vector or None, default) pairs, in one
-    type: as they are when every given one is a contiguous, writeable vector of one dtype
-    (float32 or float64: the common case costs nothing); otherwise all as contiguous float64
-    copies (exact: kernels read every value as float64). None becomes a cached constant vector.
-    So a kernel compiles for two vector types, not for every mix of dtypes and layouts."""
+def _vectors(channels, vectors, defaults):
+    """The per-channel input vectors of one kernel call (each a vector or None; defaults: the
+    value a None stands for), in one type: as they are when every given one is a contiguous,
+    writeable vector of one dtype (float32 or float64: the common case costs nothing);
+    otherwise all as contiguous float64 copies (exact: kernels read every value as float64).
+    None becomes a cached constant vector. So a kernel compiles for two vector types, not for
+    every mix of dtypes and layouts."""
     dtype = None
-    for v, _ in pairs:
-        if v is None:
-            continue
-        if dtype is None and _plain(v):
-            dtype = v.dtype
-        elif v.dtype != dtype or not _plain(v):
-            dtype = _FLOAT64
-            break
+    for v in vectors:
+        if v is not None:
+            if dtype is None:
+                dtype = v.dtype
+            if v.dtype != dtype or not _plain(v):
+                return [_constant(d, channels, _FLOAT64) if v is None
+                        else np.array(v, _FLOAT64) for v, d in zip(vectors, defaults)]
     if dtype is None:
         dtype = _FLOAT64
-    return tuple(_constant(default, channels, dtype) if v is None
-                 else v if v.dtype == dtype and _plain(v) else np.array(v, dtype)
-                 for v, default in pairs)
+    return [_constant(d, channels, dtype) if v is None else v
+            for v, d in zip(vectors, defaults)]
 
 
 _FLOAT64 = np.dtype(np.float64)
+_IDENTITY = (1.0, 0.0)      # gamma, beta
 
 
 def _direct(out):
@@ -1860,7 +1861,7 @@ def forward_train(x3, weight, bias, eps, momentum, running_mean, running_var, ac
         return
     eps = float(eps)
     stats = np.empty((2, channels))
-    weight, bias = _vectors(channels, (weight, 1.0), (bias, 0.0))
+    weight, bias = _vectors(channels, (weight, bias), _IDENTITY)
     act = _ACTIVATION_TAGS[activation]
     x3 = _contiguous(x3)
     plan = _small_rows_plan(x3, y3, residual3)
@@ -1904,7 +1905,7 @@ def forward_eval(x3, weight, bias, running_mean, running_var, eps, activation, r
     mean_out = mean if direct else coefficients[0]
     invstd_out = invstd if direct else coefficients[3]
     running_mean, running_var, weight, bias = _vectors(
-        channels, (running_mean, 0.0), (running_var, 1.0), (weight, 1.0), (bias, 0.0))
+        channels, (running_mean, running_var, weight, bias), (0.0, 1.0, 1.0, 0.0))
     act = _ACTIVATION_TAGS[activation]
     x3 = _contiguous(x3)
     plan = _small_rows_plan(x3, y3, residual3)
@@ -1940,7 +1941,7 @@ def backward(dy3, x3, mean, invstd, weight, training, activation, y3, dx3, dgamm
         act = _ACTIVATION_TAGS[activation]
         if act is None:
             y3 = None      # the derivative needs y only through an activation
-        mean, invstd, weight = _vectors(channels, (mean, 0.0), (invstd, 1.0), (weight, 1.0))
+        mean, invstd, weight = _vectors(channels, (mean, invstd, weight), (0.0, 1.0, 1.0))
         training = bool(training)
         dy3, x3, y3 = _contiguous(dy3), _contiguous(x3), _contiguous(y3)
         plan = _small_rows_plan(x3, dx3, dresidual3)
@@ -1974,7 +1975,7 @@ def backward_reduce(dy3, x3, mean):
     plan = _plan("backward_reduce", x3, 2)
     return _KERNELS["backward_reduce", plan.kind](plan, x3.size, _input(plan, dy3),
                                                   _view(plan, x3), None, None,
-                                                  _vectors(channels, (mean, 0.0))[0])
+                                                  _vectors(channels, (mean,), (0.0,))[0])
 
 
 def backward_apply(dy3, x3, mean, scale, mean_dy, coef, dx3):
@@ -2000,7 +2001,7 @@ def update_running_stats(running_mean, running_var, mean, var, count, momentum, 
     if (_direct(running_mean) and _direct(running_var)
             and running_mean.dtype == running_var.dtype
             and _running_update(running_mean, running_var,
-                                *_vectors(running_mean.shape[0], (mean, 0.0), (var, 0.0)),
+                                *_vectors(running_mean.shape[0], (mean, var), (0.0, 0.0)),
                                 float(count), float(momentum)) == 0):
         return
     reference.update_running_stats(running_mean, running_var, mean, var, count, momentum, warn)
