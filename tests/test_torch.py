@@ -406,6 +406,143 @@ def test_fused_module_matches_unfused_torch(activation, with_residual, memory_fo
         assert_same_buffers(fused, reference, torch.float32, what)
 
 
+# ----------------------------------------------------------------------------------------------
+# the eager path (one autograd.Function calling fastbn) against the custom operators
+
+def operator_path(monkeypatch):
+    """Make the modules take the custom operators, as under torch.compile."""
+    monkeypatch.setattr(_ops, "eager_ok", lambda x, residual=None: False)
+
+
+def module_step(module, x, residual, dy):
+    module.zero_grad()
+    x = x.detach().clone(memory_format=torch.preserve_format).requires_grad_()
+    if residual is not None:
+        residual = residual.detach().clone(memory_format=torch.preserve_format).requires_grad_()
+    y = module(x) if residual is None else module(x, residual)
+    y.backward(dy)
+    grads = [x.grad] + [None if t is None else t.grad for t in (module.weight, module.bias)]
+    grads.append(None if residual is None else residual.grad)
+    return [y.detach()] + grads + [b.clone() for b in module.buffers()]
+
+
+EAGER_CASES = {
+    "plain": ("none", False, {}),
+    "relu+residual": ("relu", True, {}),
+    "sigmoid": ("sigmoid", False, {}),
+    "momentum=None": ("none", False, {"momentum": None}),
+    "affine=False": ("relu", True, {"affine": False}),
+    "track_running_stats=False": ("none", False, {"track_running_stats": False}),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16],
+                         ids=["float32", "float64", "float16"])
+@pytest.mark.parametrize("memory_format", [None, torch.channels_last], ids=["NCHW", "NHWC"])
+@pytest.mark.parametrize("case", EAGER_CASES.values(), ids=EAGER_CASES.keys())
+def test_eager_path_gives_the_operators_bits(case, memory_format, dtype, monkeypatch):
+    """Same fastbn calls, so the same bits: y, every gradient, every buffer, every step."""
+    activation, with_residual, options = case
+
+    def build():
+        if activation == "none":
+            return fbt.BatchNorm2d(5, dtype=dtype, **options)
+        return fbt.BatchNormAct2d(5, activation=activation, dtype=dtype, **options)
+    eager, operator = build(), build()
+    results = {"eager": [], "operator": []}
+    for step, training in enumerate((True, True, False)):
+        x = make_input((3, 5, 3, 7), dtype, memory_format, seed=step)
+        residual = make_input((3, 5, 3, 7), dtype, memory_format, seed=10 + step) \
+            if with_residual else None
+        dy = make_input((3, 5, 3, 7), dtype, memory_format, seed=20 + step).detach()
+        for name, module in (("eager", eager), ("operator", operator)):
+            module.train(training)
+            with monkeypatch.context() as patch:
+                if name == "operator":
+                    operator_path(patch)
+                results[name].append(module_step(module, x, residual, dy))
+    for step, (got, want) in enumerate(zip(results["eager"], results["operator"])):
+        assert got[0].stride() == want[0].stride(), f"step {step}: y strides"
+        for i, (a, b) in enumerate(zip(got, want)):
+            if b is None:
+                assert a is None, f"step {step}, output {i}"
+            else:
+                assert a.dtype == b.dtype and a.stride() == b.stride(), f"step {step}, {i}"
+                torch.testing.assert_close(a, b, rtol=0, atol=0,
+                                           msg=lambda m: f"step {step}, output {i}: {m}")
+
+
+def test_eager_path_calls_no_operator_and_modes_see_the_operator(monkeypatch):
+    """Plain eager calls skip the custom operator's dispatch; a dispatch mode (what make_fx,
+    FakeTensor and FlopCounterMode use) still sees fastbn::batch_norm_forward."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the custom operator was called on the eager path")
+    module = fbt.BatchNorm2d(5)
+    x = torch.randn(3, 5, 3, 7, requires_grad=True)
+    with monkeypatch.context() as patch:
+        patch.setattr(_ops, "batch_norm_forward", refuse)
+        patch.setattr(_ops, "batch_norm_backward", refuse)
+        module(x).sum().backward()
+        with torch.no_grad():
+            module(x)
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.calls = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.calls.append(str(func))
+            return func(*args, **(kwargs or {}))
+    with Record() as record:
+        module(x).sum().backward()
+    assert "fastbn.batch_norm_forward.default" in record.calls
+    assert "fastbn.batch_norm_backward.default" in record.calls
+
+
+def test_eager_path_gradcheck_float64():
+    torch.manual_seed(0)
+    for activation, with_residual in (("none", False), ("relu", True), ("sigmoid", False)):
+        module = (fbt.BatchNorm2d(3, dtype=torch.float64) if activation == "none" else
+                  fbt.BatchNormAct2d(3, activation=activation, dtype=torch.float64))
+        with torch.no_grad():
+            module.weight.uniform_(0.5, 1.5)
+            module.bias.uniform_(-0.5, 0.5)
+        x = torch.randn(4, 3, 2, 3, dtype=torch.float64, requires_grad=True)
+        inputs = (x, module.weight, module.bias)
+        if with_residual:
+            inputs += (torch.randn(4, 3, 2, 3, dtype=torch.float64, requires_grad=True),)
+        for training in (True, False):
+            module.train(training)
+            assert torch.autograd.gradcheck(lambda x, w, b, *r: module(x, *r), inputs), \
+                (activation, training)
+
+
+def test_eager_path_bumps_buffer_versions_and_refuses_double_backward():
+    module = fbt.BatchNorm2d(5)
+    versions = module.running_mean._version, module.running_var._version
+    x = torch.randn(3, 5, 3, 7, requires_grad=True)
+    y = module(x)
+    assert module.running_mean._version > versions[0]
+    assert module.running_var._version > versions[1]
+    (dx,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError):
+        dx.sum().backward()
+
+
+def test_eager_path_bad_input_changes_nothing():
+    module = fbt.BatchNormAct2d(5)
+    before = [b.clone() for b in module.buffers()]
+    with pytest.raises(ValueError):
+        module(torch.randn(1, 5, 1, 1))
+    with pytest.raises(RuntimeError):
+        module(torch.randn(3, 4, 3, 3))
+    for got, want in zip(module.buffers(), before):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 def test_fused_module_with_broadcast_residual_falls_back():
     fused = fbt.BatchNormAct2d(5)
     reference = nn.BatchNorm2d(5)

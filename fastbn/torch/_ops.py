@@ -21,6 +21,23 @@ handed to fastbn as ``out=``, so the real kernel and the fake kernel agree on ev
 construction. CPU tensors reach fastbn as NumPy views (``Tensor.numpy()`` shares memory and
 keeps strides: no copy); CUDA tensors are passed as they are and fastbn dispatches on their
 ``__cuda_array_interface__`` (that path is untested here: no GPU, see docs/torch.md).
+
+The eager path. Dispatching a custom operator from Python costs tens of microseconds per call
+(more with its autograd node), which is more than fastbn's kernels take on small feature maps.
+So in plain eager mode on the CPU (:func:`eager_ok`: not compiling, not tracing, no dispatch or
+torch-function mode, no functorch transform, a plain tensor) the modules call
+:func:`eager_forward` instead: one ``torch.autograd.Function`` (or, when nothing needs a
+gradient, a plain call) that calls fastbn directly. It computes exactly what the operators
+compute, with the same fastbn calls, but updates the running statistics in place (fastbn
+validates everything before it writes anything, so an error still leaves them untouched).
+y is allocated by PyTorch and passed as ``out=``, as in the operators: it is user-visible, and
+a ``torch.from_numpy`` tensor's storage cannot be resized (a later ``resize_`` or ``out=``
+into it fails and, in PyTorch 2.13, leaves the tensor claiming the new size over the old
+memory). In the backward, where ``out=`` checks cost about 30 us a call and the gradients only
+flow into the autograd engine, fastbn allocates dx and dresidual (from its output pool, wrapped
+by ``torch.from_numpy``: no copy); the parameter gradients are copied into PyTorch tensors (C
+values), since they become ``.grad``. torch.compile, torch.export, make_fx, opcheck and
+everything else still see the four operators.
 """
 from typing import Optional
 
@@ -29,7 +46,7 @@ import torch
 import fastbn
 
 __all__ = ["batch_norm_forward", "batch_norm_backward", "batch_norm_act_forward",
-           "batch_norm_act_backward", "stats_dtype"]
+           "batch_norm_act_backward", "stats_dtype", "eager_ok", "eager_forward"]
 
 
 def stats_dtype(dtype):
@@ -240,3 +257,127 @@ def _backward_act_forward(ctx, dy, *_statistics_grads):
 
 
 batch_norm_act_forward.register_autograd(_backward_act_forward, setup_context=_setup_act_forward)
+
+
+# ----------------------------------------------------------------------------------------------
+# the eager path (see the module docstring)
+
+_is_compiling = torch.compiler.is_compiling
+_dispatch_modes = torch._C._len_torch_dispatch_stack
+_function_modes = torch._C._is_torch_function_mode_enabled
+_functorch_active = torch._C._are_functorch_transforms_active
+_is_tracing = torch.jit.is_tracing
+_increment_version = torch.autograd.graph.increment_version
+
+
+def eager_ok(x, residual=None):
+    """Whether the modules may call fastbn directly (:func:`eager_forward`) rather than through
+    the custom operators: plain eager execution of plain CPU tensors, where nothing (compiler,
+    tracer, mode, functorch transform) needs to see an operator."""
+    return (not _is_compiling() and type(x) is torch.Tensor and x.device.type == "cpu"
+            and (residual is None or type(residual) is torch.Tensor)
+            and not _dispatch_modes() and not _function_modes() and not _functorch_active()
+            and not _is_tracing())
+
+
+def _np(t):
+    return None if t is None else t.detach().numpy()
+
+
+def _eager_call(x, weight, bias, residual, running_mean, running_var, activation, training,
+                momentum, eps):
+    """fastbn's forward on NumPy views: (y, mean, invstd), y a tensor from torch.empty_like(x)
+    (as the operator allocates it), mean and invstd NumPy arrays from fastbn. In training the
+    running statistics (when given) are updated in place."""
+    y = torch.empty_like(x)
+    out = (y.numpy(), None, None)
+    if activation == "none" and residual is None:
+        _, mean, invstd = fastbn.batch_norm_forward(
+            x.detach().numpy(), _np(weight), _np(bias), axis=1, eps=eps, training=training,
+            running_mean=_np(running_mean), running_var=_np(running_var), momentum=momentum,
+            out=out)
+    else:
+        _, mean, invstd = fastbn.batch_norm_act_forward(
+            x.detach().numpy(), _np(weight), _np(bias), activation=_activation(activation),
+            residual=_np(residual), axis=1, eps=eps, training=training,
+            running_mean=_np(running_mean), running_var=_np(running_var), momentum=momentum,
+            out=out)
+    if training and running_mean is not None:
+        _increment_version(running_mean)  # written through NumPy: tell autograd, as copy_ would
+        _increment_version(running_var)
+    return y, mean, invstd
+
+
+class _EagerBatchNorm(torch.autograd.Function):
+    """y = act(weight * xhat + bias + residual) with fastbn's backward; the autograd formula of
+    batch_norm_forward / batch_norm_act_forward, without the operator dispatch."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, residual, running_mean, running_var, activation, training,
+                momentum, eps):
+        y, mean, invstd = _eager_call(x, weight, bias, residual, running_mean, running_var,
+                                      activation, training, momentum, eps)
+        ctx.stats = (mean, invstd)
+        ctx.activation = activation
+        ctx.training = training
+        ctx.has_residual = residual is not None
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        if activation == "none":
+            ctx.save_for_backward(x, weight)
+        else:
+            ctx.save_for_backward(x, weight, y)  # the activation's derivative comes from y
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        mean, invstd = ctx.stats
+        saved = ctx.saved_tensors
+        x, weight = saved[0], saved[1]
+        # no out=: fastbn allocates (dx and dresidual from its output pool) and takes its
+        # quickest validation (see the module docstring)
+        if ctx.activation == "none" and not ctx.has_residual:
+            dx, dweight, dbias = fastbn.batch_norm_backward(
+                dy.detach().numpy(), x.detach().numpy(), mean, invstd, _np(weight), axis=1,
+                training=ctx.training)
+            dresidual = None
+        else:
+            y = saved[2] if ctx.activation != "none" else None
+            dx, dweight, dbias, dresidual = fastbn.batch_norm_act_backward(
+                dy.detach().numpy(), _np(y), x.detach().numpy(), mean, invstd, _np(weight),
+                activation=_activation(ctx.activation), residual=ctx.has_residual, axis=1,
+                training=ctx.training)
+        needs = ctx.needs_input_grad
+        # parameter gradients become .grad: PyTorch-owned tensors (cast, or copied when the
+        # dtype already matches), never NumPy-backed ones
+        return (torch.from_numpy(dx) if needs[0] else None,
+                _owned_grad(dweight, weight.dtype) if needs[1] else None,
+                _owned_grad(dbias, ctx.bias_dtype) if needs[2] else None,
+                torch.from_numpy(dresidual) if needs[3] and dresidual is not None else None,
+                None, None, None, None, None, None)
+
+
+def _owned_grad(array, dtype):
+    return torch.from_numpy(array).to(dtype, copy=True)
+
+
+def _needs_grad(*tensors):
+    if not torch.is_grad_enabled():
+        return False
+    for t in tensors:
+        if t is not None and t.requires_grad:
+            return True
+    return False
+
+
+def eager_forward(x, weight, bias, residual, running_mean, running_var, activation, training,
+                  momentum, eps):
+    """y as batch_norm_act_forward computes it (activation "none" and no residual: as
+    batch_norm_forward), differentiable, for inputs :func:`eager_ok` accepts. Unlike the
+    operators it updates running_mean / running_var in place (training and given), after
+    fastbn has validated everything."""
+    if _needs_grad(x, weight, bias, residual):
+        return _EagerBatchNorm.apply(x, weight, bias, residual, running_mean, running_var,
+                                     activation, training, momentum, eps)
+    return _eager_call(x, weight, bias, residual, running_mean, running_var, activation,
+                       training, momentum, eps)[0]

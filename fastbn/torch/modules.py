@@ -49,17 +49,32 @@ def check_channels(module, input):
 
 def fastbn_supports(module, input, residual=None):
     """Whether fastbn computes this call; otherwise PyTorch's own forward does."""
-    if input.numel() == 0 or input.dtype not in FAST_DTYPES \
-            or input.device.type not in FAST_DEVICES:
+    return _supports(input, residual, module.eps, module.weight, module.bias, module.running_mean,
+                     module.running_var)
+
+
+def _supports(input, residual, eps, *vectors):
+    if input.dtype not in FAST_DTYPES or input.device.type not in FAST_DEVICES \
+            or input.numel() == 0:
         return False
-    for tensor in (module.weight, module.bias, module.running_mean, module.running_var):
-        if tensor is not None and (tensor.dtype not in FAST_DTYPES
-                                   or tensor.device != input.device):
+    device = input.device
+    for tensor in vectors:
+        if tensor is not None and (tensor.dtype not in FAST_DTYPES or tensor.device != device):
             return False
     if residual is not None and (residual.shape != input.shape or residual.dtype != input.dtype
-                                 or residual.device != input.device):
+                                 or residual.device != device):
         return False  # broadcasting or type promotion: leave it to PyTorch's add
-    return module.eps > 0
+    return eps > 0
+
+
+def _check_channels(num_features, input, weight, running_mean):
+    """check_channels on tensors already read from the module."""
+    if weight is None and running_mean is None:
+        return
+    if input.dim() < 2 or input.shape[1] != num_features:
+        got = input.shape[1] if input.dim() >= 2 else None
+        raise RuntimeError(f"input: expected {num_features} channels (num_features) on "
+                           f"dim 1, got {got} for input of size {tuple(input.shape)}")
 
 
 class _FastBatchNorm:
@@ -83,33 +98,43 @@ class _FastBatchNorm:
 
     def _batch_norm(self, input, residual=None, activation="none"):
         self._check_input_dim(input)
-        use_batch_stats = self.training or (self.running_mean is None
-                                            and self.running_var is None)
+        # each attribute read once (nn.Module.__getattr__ costs a dictionary search per read)
+        training, eps = self.training, self.eps
+        weight, bias = self.weight, self.bias
+        running_mean, running_var = self.running_mean, self.running_var
+        use_batch_stats = training or (running_mean is None and running_var is None)
         if use_batch_stats:
-            check_batch(input, self.eps)
-        if not fastbn_supports(self, input, residual):
+            check_batch(input, eps)
+        if not _supports(input, residual, eps, weight, bias, running_mean, running_var):
             return self._pytorch_forward(input, residual, activation)
-        check_channels(self, input)
+        _check_channels(self.num_features, input, weight, running_mean)
         factor = self._momentum_factor()
         # PyTorch passes the buffers only when they are updated (training and tracked) or
         # used to normalize (eval)
-        pass_buffers = not self.training or self.track_running_stats
-        running_mean = self.running_mean if pass_buffers else None
-        running_var = self.running_var if pass_buffers else None
-        if activation == "none" and residual is None:
-            y, _, _, new_mean, new_var = _ops.batch_norm_forward(
-                input, self.weight, self.bias, running_mean, running_var, use_batch_stats,
-                factor, self.eps)
+        if training and not self.track_running_stats:
+            running_mean = running_var = None
+        counts_batch = training and self.track_running_stats \
+            and self.num_batches_tracked is not None
+        if _ops.eager_ok(input, residual):
+            # one fastbn call; it updates the running statistics in place, after it has
+            # accepted the batch
+            y = _ops.eager_forward(input, weight, bias, residual, running_mean, running_var,
+                                   activation, use_batch_stats, factor, eps)
         else:
-            y, _, _, new_mean, new_var = _ops.batch_norm_act_forward(
-                input, self.weight, self.bias, residual, running_mean, running_var, activation,
-                use_batch_stats, factor, self.eps)
-        # only now that the batch was accepted
-        if use_batch_stats and running_mean is not None:
-            with torch.no_grad():
-                running_mean.copy_(new_mean)
-                running_var.copy_(new_var)
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            if activation == "none" and residual is None:
+                y, _, _, new_mean, new_var = _ops.batch_norm_forward(
+                    input, weight, bias, running_mean, running_var, use_batch_stats, factor,
+                    eps)
+            else:
+                y, _, _, new_mean, new_var = _ops.batch_norm_act_forward(
+                    input, weight, bias, residual, running_mean, running_var, activation,
+                    use_batch_stats, factor, eps)
+            # only now that the batch was accepted
+            if use_batch_stats and running_mean is not None:
+                with torch.no_grad():
+                    running_mean.copy_(new_mean)
+                    running_var.copy_(new_var)
+        if counts_batch:
             self.num_batches_tracked.add_(1)
         return y
 
