@@ -19,7 +19,14 @@ one of three ways to split a call, from the shape, the strides and ``_config`` o
   so that the column loops stay long enough to vectorize.
 
 ``_KERNELS`` maps (operation, plan) to the function that runs it; every operation of the
-contract is one host prologue (per-channel vectors as float64, the plan) and one table lookup.
+contract is one host prologue (per-channel vectors in one dtype, the plan) and one table lookup.
+
+Compile time. Numba compiles a kernel once per argument type, and one fused kernel costs
+seconds to compile, so the prologue hands kernels few types: the per-channel vectors of a call
+as they are when they are contiguous, writeable and all of one dtype, else all as float64
+copies (``_vectors``); x-shaped arrays C-contiguous (``_fits``; other layouts go through a
+copy). The per-channel steps between passes (``_serial``) are compiled once per signature and
+shared by the kernels that call them; only the per-element helpers are inlined.
 
 Statistics are shifted sums in float64, ``S1 = sum(x - K)``, ``S2 = sum((x - K)^2)``, with K a
 mean of data of the same channel seen first (a run, or the first rows), so the ``S2 - S1^2/n``
@@ -55,6 +62,9 @@ Kernel versions (measurements in docs/perf_log.md):
       (operation, plan) run on a thread pool instead of prange (bitwise the same compiled or
       cached, serial or parallel, in place or not); only reductions reassociate; splits sized
       for 64 cores; saturated scale for a constant channel with a tiny eps.
+  v7  fewer compiled specializations (vector dtypes unified, contiguous x-shaped arrays,
+      shared per-channel steps): about half the kernels to compile; a mix of vector dtypes
+      gives the bits of the unmixed call.
 """
 import concurrent.futures
 import math
