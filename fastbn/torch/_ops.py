@@ -27,16 +27,16 @@ The eager path. Dispatching a custom operator from Python costs tens of microsec
 So in plain eager mode on the CPU (:func:`eager_ok`: not compiling, not tracing, no dispatch or
 torch-function mode, no functorch transform, a plain tensor) the modules call
 :func:`eager_forward` instead: one ``torch.autograd.Function`` (or, when nothing needs a
-gradient, a plain call) that calls fastbn directly. It computes exactly what the operators
-compute, with the same fastbn calls, but updates the running statistics in place (fastbn
+gradient, a plain call) that calls fastbn directly. It computes what the operators compute,
+with the same fastbn operations (the same bits), but updates the running statistics in place (fastbn
 validates everything before it writes anything, so an error still leaves them untouched).
-y is allocated by PyTorch and passed as ``out=``, as in the operators: it is user-visible, and
-a ``torch.from_numpy`` tensor's storage cannot be resized (a later ``resize_`` or ``out=``
-into it fails and, in PyTorch 2.13, leaves the tensor claiming the new size over the old
-memory). In the backward, where ``out=`` checks cost about 30 us a call and the gradients only
-flow into the autograd engine, fastbn allocates dx and dresidual (from its output pool, wrapped
-by ``torch.from_numpy``: no copy); the parameter gradients are copied into PyTorch tensors (C
-values), since they become ``.grad``. torch.compile, torch.export, make_fx, opcheck and
+y, dx and dresidual are allocated by fastbn, from its output pool, and handed over
+with ``torch.from_numpy`` (no copy): no ``out=`` checks, and above all no fresh pages. In a
+training step PyTorch's own large allocations come back from the OS zero-filled page by page
+(about 11,000 page faults per step of the benchmark's NCHW model, some 10 ms), and the pool
+keeps its blocks. The price: such a tensor's storage cannot be resized (``resize_``, or
+``out=`` of another shape, raises). The parameter gradients, which become ``.grad``, are
+copied into PyTorch tensors (C values). torch.compile, torch.export, make_fx, opcheck and
 everything else still see the four operators.
 """
 from typing import Optional
@@ -286,26 +286,22 @@ def _np(t):
 
 def _eager_call(x, weight, bias, residual, running_mean, running_var, activation, training,
                 momentum, eps):
-    """fastbn's forward on NumPy views: (y, mean, invstd), y a tensor from torch.empty_like(x)
-    (as the operator allocates it), mean and invstd NumPy arrays from fastbn. In training the
-    running statistics (when given) are updated in place."""
-    y = torch.empty_like(x)
-    out = (y.numpy(), None, None)
+    """fastbn's forward on NumPy views: (y, mean, invstd), y a tensor over fastbn's output
+    (``torch.from_numpy``: no copy), mean and invstd NumPy arrays. In training the running
+    statistics (when given) are updated in place."""
     if activation == "none" and residual is None:
-        _, mean, invstd = fastbn.batch_norm_forward(
+        y, mean, invstd = fastbn.batch_norm_forward(
             x.detach().numpy(), _np(weight), _np(bias), axis=1, eps=eps, training=training,
-            running_mean=_np(running_mean), running_var=_np(running_var), momentum=momentum,
-            out=out)
+            running_mean=_np(running_mean), running_var=_np(running_var), momentum=momentum)
     else:
-        _, mean, invstd = fastbn.batch_norm_act_forward(
+        y, mean, invstd = fastbn.batch_norm_act_forward(
             x.detach().numpy(), _np(weight), _np(bias), activation=_activation(activation),
             residual=_np(residual), axis=1, eps=eps, training=training,
-            running_mean=_np(running_mean), running_var=_np(running_var), momentum=momentum,
-            out=out)
+            running_mean=_np(running_mean), running_var=_np(running_var), momentum=momentum)
     if training and running_mean is not None:
         _increment_version(running_mean)  # written through NumPy: tell autograd, as copy_ would
         _increment_version(running_var)
-    return y, mean, invstd
+    return torch.from_numpy(y), mean, invstd
 
 
 class _EagerBatchNorm(torch.autograd.Function):
