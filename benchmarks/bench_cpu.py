@@ -798,7 +798,9 @@ def main(argv=None):
     if not args.no_docs:      # fail before measuring if a marker is missing
         check_markers(args.docs, args.readme)
     global MAX_DISCARDED
-    MAX_DISCARDED = args.max_discarded
+    # a smoke run checks the machinery, not the machine: no round is thrown away for load (CI
+    # runs the simulator lane beside it, which would discard every round, with a pause each)
+    MAX_DISCARDED = 0 if args.smoke and args.max_discarded is None else args.max_discarded
     if args.threads:
         registry.set_num_threads(args.threads)
     impls, skipped = registry.available()
