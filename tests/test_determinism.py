@@ -30,8 +30,8 @@ DTYPES = ["float16", "float32", "float64"]
 CASES = [((2, 1, 20001), 1),        # C = 1: one channel split into segments
          ((3, 3, 4001), 1),         # C = 3: segments
          ((6, 5, 1201), 1),         # C = 5: segments
-         ((2, 40, 451), 1),         # channel runs
-         ((17, 40, 7, 7), 1),       # short runs: column blocks
+         ((2, 40, 601), 1),         # channel runs (a task per channel)
+         ((48, 40, 7, 7), 1),       # short runs: column blocks (2 tasks)
          ((12001, 3), 1),           # channels-last, few channels: row blocks
          ((40, 7, 7, 24), -1)]      # NHWC
 IDS = ["C1-segments", "C3-segments", "C5-segments", "runs", "7x7", "NC", "NHWC"]
@@ -277,7 +277,7 @@ def _vector_kinds(values):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape, axis", [((60, 100), 1), ((17, 40, 7, 7), 1), ((2, 40, 451), 1),
+@pytest.mark.parametrize("shape, axis", [((60, 100), 1), ((17, 40, 7, 7), 1), ((2, 40, 601), 1),
                                          ((40, 7, 7, 24), -1)],
                          ids=["60x100", "7x7", "runs", "NHWC"])
 def test_vector_dtype_and_layout_do_not_change_the_bits(shape, axis, dtype):

@@ -1484,13 +1484,18 @@ def _plan_for(op, shape3, itemsize, inputs, mergeable=True, rows_contiguous=True
 
 def _block_channels(rows, channels, inner, itemsize, inputs):
     """Channels per column block when a block over all rows fits CPU_FUSED_BYTES (and is at
-    least two cache lines wide); 0 when it does not."""
+    least two cache lines wide); 0 when it does not. As many blocks as CPU_TASKS where the
+    tensor is large enough, but none with fewer than 2 * CPU_CHUNK_ELEMENTS values where that
+    can be helped: a task costs a few microseconds of setup (its per-channel arrays), so a small
+    tensor cut into 64 tasks spends more on them than on its values."""
     channel_bytes = rows * inner * itemsize * inputs
     least = -(-128 // (inner * itemsize))
     if channel_bytes * least > _config.CPU_FUSED_BYTES:
         return 0
     fits = max(least, _config.CPU_FUSED_BYTES // max(channel_bytes, 1))
-    spread = max(least, -(-channels // _config.CPU_TASKS))   # CPU_TASKS blocks, where possible
+    blocks = min(_config.CPU_TASKS,
+                 max(1, rows * channels * inner // max(2 * _config.CPU_CHUNK_ELEMENTS, 1)))
+    spread = max(least, -(-channels // blocks))
     return min(fits, spread, channels)
 
 
@@ -1502,11 +1507,29 @@ def _rows_contiguous(a3):
     return a3.strides[1] == a3.itemsize and a3.strides[0] == a3.shape[1] * a3.itemsize
 
 
+_plans = {}
+
+
+def _settings():
+    """The _config values a plan depends on (tests change them)."""
+    c = _config
+    return (c.CPU_MIN_RUN, c.CPU_TASKS, c.CPU_MIN_TASKS, c.CPU_MAX_TASKS, c.CPU_CHUNK_ELEMENTS,
+            c.CPU_FUSED_BYTES, c.CPU_ROW_ELEMENTS, c.CPU_GROUP_MIN_SIZE)
+
+
 def _plan(op, x3, inputs):
-    """The plan of op for x3. It depends on x3 alone, so that the layout of the other arrays
-    never changes a result: one that does not fit the plan's view is copied (see _Views)."""
-    return _plan_for(op, x3.shape, x3.itemsize, inputs, _mergeable(x3),
-                     x3.shape[2] == 1 and _rows_contiguous(x3))
+    """The plan of op for x3, cached (planning costs microseconds; a training loop asks for the
+    same few plans every step). It depends on x3 alone, so that the layout of the other arrays
+    never changes a result: one that does not fit the plan's view is copied (see _Output)."""
+    key = (op, x3.shape, x3.itemsize, inputs, _mergeable(x3),
+           x3.shape[2] == 1 and _rows_contiguous(x3), _settings())
+    plan = _plans.get(key)
+    if plan is None:
+        plan = _plan_for(op, *key[1:6])
+        if len(_plans) > 1024:
+            _plans.clear()
+        _plans[key] = plan
+    return plan
 
 
 def plan_tasks(shape3, itemsize, op):
@@ -1824,7 +1847,7 @@ def _small_rows_plan(x3, *others):
     for a in others:
         if a is not None and not a.flags.c_contiguous:
             return None
-    settings = (_config.CPU_CHUNK_ELEMENTS, _config.CPU_MAX_TASKS, _config.CPU_GROUP_MIN_SIZE)
+    settings = _settings()
     cached = _small_plans.get(shape)
     if cached is None or cached[1] != settings:
         plan = _plan_for("forward_eval", shape, x3.itemsize, 1, True, False)
