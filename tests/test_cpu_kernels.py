@@ -6,10 +6,6 @@ Each case names the plan it takes (asserted through ``cpu._plan``, so that a cha
 cannot silently leave a path untested). Outputs are NaN-poisoned before every call, so an
 element a kernel forgets to write fails the comparison.
 """
-import os
-import subprocess
-import sys
-import textwrap
 
 import numba
 import numpy as np
@@ -246,51 +242,6 @@ def test_bits_do_not_depend_on_in_place_or_output_layout(shape3, fused_path, ele
         np.testing.assert_array_equal(dx, dx_ref, err_msg=f"dx: {kind}")
         np.testing.assert_array_equal(dgamma, dgamma_ref, err_msg=f"dgamma: {kind}")
         np.testing.assert_array_equal(dbeta, dbeta_ref, err_msg=f"dbeta: {kind}")
-
-
-_CACHE_SCRIPT = textwrap.dedent("""
-    import sys
-    import numpy as np
-    from fastbn import _config
-    from fastbn.backends import cpu
-    _config.CPU_PARALLEL_MIN_SIZE = int(sys.argv[2])
-    rng = np.random.default_rng(0)
-    out = []
-    for shape3 in ((3, 2, 20001), (40000, 1, 1), (6, 5, 900)):
-        for dtype in ("float32", "float64"):
-            x = (rng.standard_normal(shape3) * 2 + 3).astype(dtype)
-            dy = rng.standard_normal(shape3).astype(dtype)
-            c = shape3[1]
-            w = np.linspace(0.5, 2, c)
-            sd = np.float64 if dtype == "float64" else np.float32
-            y, mean, invstd = np.empty_like(x), np.empty(c, sd), np.empty(c, sd)
-            cpu.forward_train(x, w, None, 1e-5, 0.1, None, None, None, None, None, y, mean, invstd)
-            dx, dg, db = np.empty_like(x), np.empty(c, np.float64), np.empty(c, np.float64)
-            cpu.backward(dy, x, mean, invstd, w, True, None, None, dx, dg, db, None)
-            out += [y.ravel().view(np.uint8), dx.ravel().view(np.uint8), dg.view(np.uint8),
-                    db.view(np.uint8), mean.view(np.uint8), invstd.view(np.uint8)]
-    np.save(sys.argv[1], np.concatenate(out))
-""")
-
-
-@pytest.mark.slow
-def test_bits_do_not_depend_on_compiling_or_loading_from_cache(tmp_path):
-    """A process that compiles the kernels, one that loads them from Numba's cache, and the
-    serial and parallel calls of both give the same bits (the segmented backward of issue
-    13.1 among them)."""
-    script = tmp_path / "run.py"
-    script.write_text(_CACHE_SCRIPT)
-    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "cache"))
-    env.pop("FASTBN_NO_CACHE", None)
-    results = []
-    for run, min_size in (("compile", 0), ("cache", 0), ("serial", 1 << 60)):
-        target = tmp_path / f"{run}.npy"
-        subprocess.run([sys.executable, str(script), str(target), str(min_size)], env=env,
-                       check=True, cwd=os.path.dirname(os.path.dirname(__file__)))
-        results.append(np.load(target))
-    assert any((tmp_path / "cache").rglob("*.nbi")), "nothing was cached"
-    np.testing.assert_array_equal(results[0], results[1], err_msg="compiled vs cached")
-    np.testing.assert_array_equal(results[0], results[2], err_msg="parallel vs serial")
 
 
 def test_plans_offer_enough_tasks_for_64_cores():
