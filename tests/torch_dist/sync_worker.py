@@ -79,6 +79,10 @@ def main():
     saved["unchanged_after_error"] = all(torch.equal(v, before[k])
                                          for k, v in module.state_dict().items())
     torch.save(saved, os.path.join(out_dir, f"rank{rank}.pt"))
+    # every rank done with its collectives before any tears gloo down (a rank whose peers
+    # closed their connections first can abort: "terminate called without an active
+    # exception", seen once in CI under load)
+    dist.barrier()
     dist.destroy_process_group()
 
 
