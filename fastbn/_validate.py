@@ -254,6 +254,17 @@ def _owners(*arrays):
     return True
 
 
+def _apart(written, others):
+    """Whether no written array's memory bounds meet another argument's (views included: a
+    NumPy view of a PyTorch tensor owns nothing). Bounds only, no exact test: arrays whose
+    bounds meet take the full checks, which decide and explain."""
+    for i, a in enumerate(written):
+        for b in written[i + 1:] + others:
+            if b is not None and np.may_share_memory(a, b):
+                return False
+    return True
+
+
 def _forward_common_case(x, gamma, beta, axis, eps_value, training, running_mean, running_var,
                          momentum_value, activation_value, residual, out, local_count):
     """The validated Forward when every argument is of the common, valid kind (plain ndarrays,
@@ -282,7 +293,8 @@ def _forward_common_case(x, gamma, beta, axis, eps_value, training, running_mean
         return None
     if training and running_mean is not None and not (
             running_mean.flags.writeable and running_var.flags.writeable
-            and _owners(running_mean, running_var, x, gamma, beta, residual)):
+            and (_owners(running_mean, running_var, x, gamma, beta, residual)
+                 or _apart((running_mean, running_var), (x, gamma, beta, residual)))):
         return None
     return Forward(x, gamma, beta, residual, running_mean, running_var, axis, eps_value,
                    momentum_value, training, activation_value, count, _STATS[x.dtype], None, None,

@@ -21,7 +21,8 @@ CASES = [
     ((6, 5, 900), "runs", "runs"),                # channel runs, one task per channel
     ((3, 2, 20001), "runs/segments", "runs"),     # few channels: each split into segments
     ((40000, 1, 1), "runs/one run", "runs"),      # C == 1 channels-last: one long run
-    ((16, 40, 49), "blocks", "rows"),             # short runs (7x7) as column blocks
+    ((16, 40, 49), "blocks", "rows/by run"),      # short runs (7x7) as column blocks
+    ((30, 40, 9), "blocks", "rows"),              # shorter runs (3x3): per-column coefficients
     ((60, 100, 1), "rows", "rows"),               # a small channels-last batch: one row block
     ((5000, 40, 1), "rows/blocks", "rows"),       # channels-last, grouped rows, row blocks
     ((100, 1031, 1), "rows/blocks", "rows"),      # many channels, row blocks
@@ -40,6 +41,15 @@ def _plan_name(op, x3):
     if plan.kind == "rows" and plan.blocks > 1:
         return name + "/blocks"
     return name
+
+
+def _elementwise_name(x3):
+    """The plan kind of the elementwise operations; "rows/by run" for channel runs that rows
+    compute run by run with per-channel coefficients (CPU_MIN_SCALAR_RUN)."""
+    plan = cpu._plan("forward_eval", x3, 1)
+    if plan.kind == "rows" and plan.inner >= _config.CPU_MIN_SCALAR_RUN:
+        return "rows/by run"
+    return plan.kind
 
 
 def _data(rng, shape3, dtype, offset=3.0):
@@ -134,7 +144,7 @@ def test_every_plan_matches_reference_and_ignores_thread_count(shape3, fused_pat
     x3 = _data(rng, shape3, dtype)
     dy3 = _data(rng, shape3, dtype, offset=0.0)
     assert _plan_name("forward_train", x3) == fused_path
-    assert cpu._plan("forward_eval", x3, 1).kind == elementwise_path
+    assert _elementwise_name(x3) == elementwise_path
     channels = shape3[1]
     weight = rng.uniform(0.5, 2, channels).astype(np.float32)     # the caller's dtype
     bias = rng.standard_normal(channels)

@@ -837,6 +837,29 @@ def _rows_backward_apply(dy, x, y, act, r0, r1, j0, m, a, g, b, dx, dres):
             out[j] = _narrow(value, out)
 
 
+@_helper
+def _rows_normalize_runs(x, r0, r1, inner, m, s, b, res, act, y):
+    """_rows_normalize run by run: channel c is columns c * inner .. (c + 1) * inner of each
+    row, normalized with its own coefficients m[c], s[c], b[c] (no per-column vectors to
+    stream beside x)."""
+    for r in range(r0, r1):
+        for c in range(m.shape[0]):
+            j0 = c * inner
+            _run_normalize(x[r, j0:j0 + inner], m[c], s[c], b[c],
+                           _row_of(res, r, j0, j0 + inner), act, y[r, j0:j0 + inner])
+
+
+@_helper
+def _rows_backward_apply_runs(dy, x, y, act, r0, r1, inner, m, a, g, b, dx, dres):
+    """_rows_backward_apply run by run, with per-channel coefficients."""
+    for r in range(r0, r1):
+        for c in range(m.shape[0]):
+            j0 = c * inner
+            j1 = j0 + inner
+            _run_backward_apply(dy[r, j0:j1], x[r, j0:j1], _row_of(y, r, j0, j1), act, m[c],
+                                a[c], g[c], b[c], dx[r, j0:j1], _row_of(dres, r, j0, j1))
+
+
 # (a compile-time constant: Numba freezes globals into the compiled code)
 _SHORT_FORM = 16.0
 
@@ -959,6 +982,51 @@ def _rows_backward_apply_blocks(dy, x, y, act, col_m, col_a, col_g, col_b, block
     for task in range(t0, t1):
         _rows_backward_apply(dy, x, y, act, task * rows // blocks, (task + 1) * rows // blocks,
                              0, col_m, col_a, col_g, col_b, dx, dres)
+
+
+@_jit(reduces=False)
+def _rows_normalize_runs_blocks(x, m, s, b, inner, res, act, blocks, y, t0, t1):
+    rows = x.shape[0]
+    for task in range(t0, t1):
+        _rows_normalize_runs(x, task * rows // blocks, (task + 1) * rows // blocks, inner, m, s,
+                             b, res, act, y)
+
+
+@_jit(reduces=False)
+def _rows_backward_apply_runs_blocks(dy, x, y, act, m, a, g, b, inner, blocks, dx, dres, t0,
+                                     t1):
+    rows = x.shape[0]
+    for task in range(t0, t1):
+        _rows_backward_apply_runs(dy, x, y, act, task * rows // blocks,
+                                  (task + 1) * rows // blocks, inner, m, a, g, b, dx, dres)
+
+
+@_jit(reduces=False)
+def _channel_coefficients(coefficients, like):
+    """Per-channel (m, s, b) in the arithmetic type from float64 (mean, scale, shift) rows."""
+    channels = coefficients.shape[1]
+    m = _compute_empty(channels, like)
+    s = _compute_empty(channels, like)
+    b = _compute_empty(channels, like)
+    for c in range(channels):
+        m[c], s[c], b[c] = _normalize_coefficients(coefficients[0, c], coefficients[1, c],
+                                                   coefficients[2, c], like)
+    return m, s, b
+
+
+@_jit(reduces=False)
+def _channel_gradient_coefficients(coefficients, like):
+    """Per-channel (m, a, g, b) in the arithmetic type from float64 (mu, a, mean_dy, b) rows."""
+    channels = coefficients.shape[1]
+    m = _compute_empty(channels, like)
+    a = _compute_empty(channels, like)
+    g = _compute_empty(channels, like)
+    b = _compute_empty(channels, like)
+    for c in range(channels):
+        m[c], a[c], g[c], b[c] = _apply_coefficients(coefficients[0, c], coefficients[1, c],
+                                                     coefficients[2, c], coefficients[3, c],
+                                                     like)
+    return m, a, g, b
 
 
 # ---- column blocks (groups == 1): a task owns channels c0..c1 over all rows, so its second
@@ -1725,6 +1793,11 @@ def _forward_train_rows(plan, size, x, weight, bias, eps, res, act, y, stats):
 
 
 def _normalize_rows(plan, size, x, coefficients, res, act, y):
+    if plan.inner >= _config.CPU_MIN_SCALAR_RUN:
+        m, s, b = _channel_coefficients(coefficients, x)
+        _run(_rows_normalize_runs_blocks, plan.tasks, size, x, m, s, b, plan.inner, res, act,
+             plan.blocks, y)
+        return
     col_m, col_s, col_b, short = _column_coefficients(coefficients, plan.inner, plan.groups, x)
     _run(_rows_normalize_blocks, plan.tasks, size, x, col_m, col_s, col_b, short, res, act,
          plan.blocks, y)
@@ -1735,7 +1808,7 @@ def _forward_eval_runs(plan, size, x, coefficients, res, act, y):
 
 
 def _forward_eval_rows(plan, size, x, coefficients, res, act, y):
-    if plan.blocks == 1:
+    if plan.blocks == 1 and plan.inner < _config.CPU_MIN_SCALAR_RUN:
         _rows_forward_eval_whole(x, coefficients, plan.inner, plan.groups, res, act, y)
         return
     _normalize_rows(plan, size, x, coefficients, res, act, y)
@@ -1807,6 +1880,11 @@ def _backward_apply_runs(plan, size, dy, x, y, act, coefficients, dx, dres):
 
 
 def _backward_apply_rows(plan, size, dy, x, y, act, coefficients, dx, dres):
+    if plan.inner >= _config.CPU_MIN_SCALAR_RUN:
+        m, a, g, b = _channel_gradient_coefficients(coefficients, x)
+        _run(_rows_backward_apply_runs_blocks, plan.tasks, size, dy, x, y, act, m, a, g, b,
+             plan.inner, plan.blocks, dx, dres)
+        return
     col_m, col_a, col_g, col_b = _column_gradient_coefficients(coefficients, plan.inner,
                                                                plan.groups, x)
     _run(_rows_backward_apply_blocks, plan.tasks, size, dy, x, y, act, col_m, col_a, col_g,
