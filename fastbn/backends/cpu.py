@@ -16,7 +16,9 @@ one of three ways to split a call, from the shape, the strides and ``_config`` o
 * ``rows`` (channels-last, ``inner == 1``: NHWC, (N, C)): the matrix is split into row blocks
   that accumulate per-column partial sums, added in block order; then every row block is
   normalized. A few channels (C < CPU_ROW_ELEMENTS) are viewed several rows to a matrix row,
-  so that the column loops stay long enough to vectorize.
+  so that the column loops stay long enough to vectorize. The elementwise operations over
+  short runs take row blocks too: runs of at least CPU_MIN_SCALAR_RUN values one run at a
+  time with per-channel coefficients, shorter ones with per-column coefficient vectors.
 
 ``_KERNELS`` maps (operation, plan) to the function that runs it; every operation of the
 contract is one host prologue (per-channel vectors in one dtype, the plan) and one table lookup.
@@ -65,6 +67,8 @@ Kernel versions (measurements in docs/perf_log.md):
   v7  fewer compiled specializations (vector dtypes unified, contiguous x-shaped arrays,
       shared per-channel steps): about half the kernels to compile; a mix of vector dtypes
       gives the bits of the unmixed call.
+  v8  elementwise passes over runs of CPU_MIN_SCALAR_RUN..CPU_MIN_RUN values go run by run
+      with per-channel coefficients (per-column vectors outgrew the caches).
 """
 import concurrent.futures
 import math
