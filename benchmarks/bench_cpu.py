@@ -138,9 +138,15 @@ def _foreign_cpu_ticks():
 MAX_DISCARDED = None          # rounds thrown away per measurement, at most (None: 6 x rounds)
 
 
-def measure(callables, rounds, slow=(), slow_rounds=3, min_sample_s=2e-3, max_foreign=0.1):
+def measure(callables, rounds, slow=(), slow_rounds=3, min_sample_s=2e-3, max_foreign=0.1,
+            settle_s=0.02):
     """Interleaved rounds: each round times every callable once (a callable shorter than
     min_sample_s is repeated inside its sample), so load from elsewhere hits all of them alike.
+    Each callable's sample starts after a pause of ``settle_s`` and one untimed call:
+    PyTorch's and Numba's OpenMP threads keep spinning on the cores for a while after a
+    parallel call, and whatever was timed next paid for it (two identical fastbn.moments calls,
+    one timed after the numba copy and one after the other, differed 2.2x at 2 threads); the
+    untimed call then brings the callable's own threads and data back from the pause.
 
     On a shared machine a round during which other processes used more than ``max_foreign``
     of the machine's CPU time is discarded and run again after a pause (at most ``6 * rounds``
@@ -162,6 +168,8 @@ def measure(callables, rounds, slow=(), slow_rounds=3, min_sample_s=2e-3, max_fo
             if name in slow and kept >= slow_rounds:
                 continue
             n = repeats[name]
+            time.sleep(settle_s)
+            fn()
             start = time.perf_counter()
             for _ in range(n):
                 fn()
