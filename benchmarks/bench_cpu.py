@@ -15,7 +15,8 @@ and ``tasks`` (how many parallel tasks the cpu plan gives each benchmark shape).
 Method (docs/benchmarks.md): every implementation is warmed up (compiled) and validated against
 the NumPy float64 reference on the case before it is timed; then the implementations are timed
 in interleaved rounds (each round runs each once, so load from other processes hits all of them
-alike) and each figure is the median over the rounds. Every ratio compares timings from the same
+alike; each sample after a short pause and an untimed call, see ``measure``) and each figure is
+the median over the rounds. Every ratio compares timings from the same
 rounds. fastbn and PyTorch are each timed as the default call (fresh outputs) and with
 preallocated outputs. The full run rewrites the generated blocks (``<!-- bench:cpu... -->``
 markers) of docs/benchmarks.md and the ``bench:cpu`` block of README.md.
