@@ -869,6 +869,33 @@ _SHORT_FORM = 16.0
 
 
 @_serial
+def _normalize_channels(mean, scale, shift, c0, c1, like):
+    """Per-channel (m, s, b) of y = (x - m) * s + b for channels c0..c1 (arrays of length c1),
+    in the arithmetic type (see _normalize_coefficients)."""
+    m = _compute_empty(c1, like)
+    s = _compute_empty(c1, like)
+    b = _compute_empty(c1, like)
+    for c in range(c0, c1):
+        m[c], s[c], b[c] = _normalize_coefficients(mean[c], scale[c], shift[c], like)
+    return m, s, b
+
+
+@_serial
+def _gradient_channels(coefficients, c0, c1, like):
+    """Per-channel (m, a, g, b) of dx = a * ((dz - g) - (x - m) * b) for channels c0..c1
+    (arrays of length c1) from float64 coefficients[0..3, c] = (mu, a, mean_dy, b)."""
+    m = _compute_empty(c1, like)
+    a = _compute_empty(c1, like)
+    g = _compute_empty(c1, like)
+    b = _compute_empty(c1, like)
+    for c in range(c0, c1):
+        m[c], a[c], g[c], b[c] = _apply_coefficients(coefficients[0, c], coefficients[1, c],
+                                                     coefficients[2, c], coefficients[3, c],
+                                                     like)
+    return m, a, g, b
+
+
+@_serial
 def _normalize_columns(mean, scale, shift, invstd, c0, c1, inner, groups, like):
     """Per-column coefficients of channels c0..c1 and whether the short form applies.
 
@@ -876,14 +903,11 @@ def _normalize_columns(mean, scale, shift, invstd, c0, c1, inner, groups, like):
     _normalize_coefficients). Short form, when every channel's mean is within _SHORT_FORM
     standard deviations (1/invstd) of 0: y = x * s + b with b = shift - mean * s, one load per
     element less; the cancellation it risks costs at most about that many ulps."""
-    m = _compute_empty(c1, like)
-    s = _compute_empty(c1, like)
-    b = _compute_empty(c1, like)
     short = True
     for c in range(c0, c1):
         if not abs(mean[c]) * invstd[c] <= _SHORT_FORM:
             short = False
-        m[c], s[c], b[c] = _normalize_coefficients(mean[c], scale[c], shift[c], like)
+    m, s, b = _normalize_channels(mean, scale, shift, c0, c1, like)
     if short:
         for c in range(c0, c1):
             m[c] = 0.0
@@ -902,14 +926,7 @@ def _normalize_columns(mean, scale, shift, invstd, c0, c1, inner, groups, like):
 def _apply_columns(coefficients, c0, c1, inner, groups, like):
     """Per-column (m, a, g, b) of dx = a * ((dz - g) - (x - m) * b) for channels c0..c1 from
     float64 coefficients[0..3, c] = (mu, a, mean_dy, b)."""
-    m = _compute_empty(c1, like)
-    a = _compute_empty(c1, like)
-    g = _compute_empty(c1, like)
-    b = _compute_empty(c1, like)
-    for c in range(c0, c1):
-        m[c], a[c], g[c], b[c] = _apply_coefficients(coefficients[0, c], coefficients[1, c],
-                                                     coefficients[2, c], coefficients[3, c],
-                                                     like)
+    m, a, g, b = _gradient_channels(coefficients, c0, c1, like)
     width = (c1 - c0) * inner * groups
     col_m = _compute_empty(width, like)
     col_a = _compute_empty(width, like)
@@ -1003,34 +1020,6 @@ def _rows_backward_apply_runs_blocks(dy, x, y, act, m, a, g, b, inner, blocks, d
     for task in range(t0, t1):
         _rows_backward_apply_runs(dy, x, y, act, task * rows // blocks,
                                   (task + 1) * rows // blocks, inner, m, a, g, b, dx, dres)
-
-
-@_jit(reduces=False)
-def _channel_coefficients(coefficients, like):
-    """Per-channel (m, s, b) in the arithmetic type from float64 (mean, scale, shift) rows."""
-    channels = coefficients.shape[1]
-    m = _compute_empty(channels, like)
-    s = _compute_empty(channels, like)
-    b = _compute_empty(channels, like)
-    for c in range(channels):
-        m[c], s[c], b[c] = _normalize_coefficients(coefficients[0, c], coefficients[1, c],
-                                                   coefficients[2, c], like)
-    return m, s, b
-
-
-@_jit(reduces=False)
-def _channel_gradient_coefficients(coefficients, like):
-    """Per-channel (m, a, g, b) in the arithmetic type from float64 (mu, a, mean_dy, b) rows."""
-    channels = coefficients.shape[1]
-    m = _compute_empty(channels, like)
-    a = _compute_empty(channels, like)
-    g = _compute_empty(channels, like)
-    b = _compute_empty(channels, like)
-    for c in range(channels):
-        m[c], a[c], g[c], b[c] = _apply_coefficients(coefficients[0, c], coefficients[1, c],
-                                                     coefficients[2, c], coefficients[3, c],
-                                                     like)
-    return m, a, g, b
 
 
 # ---- column blocks (groups == 1): a task owns channels c0..c1 over all rows, so its second
@@ -1798,7 +1787,8 @@ def _forward_train_rows(plan, size, x, weight, bias, eps, res, act, y, stats):
 
 def _normalize_rows(plan, size, x, coefficients, res, act, y):
     if plan.inner >= _config.CPU_MIN_SCALAR_RUN:
-        m, s, b = _channel_coefficients(coefficients, x)
+        m, s, b = _normalize_channels(coefficients[0], coefficients[1], coefficients[2], 0,
+                                      coefficients.shape[1], x)
         _run(_rows_normalize_runs_blocks, plan.tasks, size, x, m, s, b, plan.inner, res, act,
              plan.blocks, y)
         return
@@ -1885,7 +1875,7 @@ def _backward_apply_runs(plan, size, dy, x, y, act, coefficients, dx, dres):
 
 def _backward_apply_rows(plan, size, dy, x, y, act, coefficients, dx, dres):
     if plan.inner >= _config.CPU_MIN_SCALAR_RUN:
-        m, a, g, b = _channel_gradient_coefficients(coefficients, x)
+        m, a, g, b = _gradient_channels(coefficients, 0, coefficients.shape[1], x)
         _run(_rows_backward_apply_runs_blocks, plan.tasks, size, dy, x, y, act, m, a, g, b,
              plan.inner, plan.blocks, dx, dres)
         return
