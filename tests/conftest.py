@@ -34,6 +34,10 @@ if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
     # The simulator runs every GPU thread as a Python thread and its block scheduler polls
     # them; a short GIL switch interval makes the whole simulator lane about 3x faster.
     sys.setswitchinterval(5e-4)
+    # cuda.shared.array races between a block's threads in the simulator (tests/_simulator.py)
+    sys.path.insert(0, os.path.dirname(__file__))
+    import _simulator
+    _simulator.install()
 
 TEST_BACKENDS = [b.strip() for b in os.environ.get("FASTBN_TEST_BACKENDS", "cpu").split(",")
                  if b.strip()]

@@ -515,6 +515,31 @@ def _budget(operation):
 
 
 @needs_simulator
+def test_simulator_shared_arrays_are_shared(monkeypatch, small_launch):
+    """conftest's fix of the simulator's shared-array race (tests/_simulator.py): with a pause
+    between the lookup and the store, where the unpatched simulator gives each thread its own
+    array (y 0.59 everywhere instead of the reference's values), a block's threads still meet."""
+    import time
+    from numba.cuda.simulator import kernelapi
+
+    class SlowEmpty:                 # numpy, with a pause in every allocation of a shared array
+        def __getattr__(self, name):
+            return getattr(np, name)
+
+        @staticmethod
+        def empty(*args, **kwargs):
+            time.sleep(2e-4)
+            return np.empty(*args, **kwargs)
+
+    monkeypatch.setattr(kernelapi, "np", SlowEmpty())
+    x = (np.random.default_rng(11).standard_normal((3, 1, 41)) + 1e4).astype(np.float32)
+    ref = fastbn.batch_norm_forward(x, backend="reference")
+    for _ in range(3):
+        out = fastbn.batch_norm_forward(cuda.to_device(x))
+        np.testing.assert_allclose(_host(out.y), ref.y, rtol=2e-5, atol=5e-3)
+
+
+@needs_simulator
 @pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
 def test_launches_copies_and_waits_per_public_operation(monkeypatch, layout):
     calls = _public_calls(layout)
