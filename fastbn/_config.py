@@ -15,6 +15,12 @@ CPU_JIT_OPTIONS = dict(cache=os.environ.get("FASTBN_NO_CACHE", "") == "", nogil=
 # pool costs more than the work.
 CPU_PARALLEL_MIN_SIZE = int(os.environ.get("FASTBN_CPU_PARALLEL_MIN_SIZE", 1 << 16))
 
+# The common kind of call (plain C-contiguous NumPy arrays, no out=) takes the cpu backend's
+# direct path: a few attribute reads in place of the API's full validation, the same passes and
+# bits (backends/cpu.py, "direct calls"). False (or FASTBN_CPU_DIRECT=0): every call validates
+# in full.
+CPU_DIRECT = os.environ.get("FASTBN_CPU_DIRECT", "1").strip() != "0"
+
 # The unit of work splitting, in elements: channels-last (inner == 1) row blocks hold about this
 # many values, and channel-major statistics fold their shifted sums into the running mean every
 # this many values. Every split is fixed by the shape and these settings alone, so results do

@@ -1,5 +1,10 @@
 """The public operations: validate -> canonical view -> allocate outputs -> one backend call.
 
+The common kind of call (no ``out=``, no ``stream=``) first offers its raw arguments to the
+backend's ``forward_direct``/``backward_direct``, which the cpu backend runs at the cost of a
+few attribute reads when they are plain C-contiguous NumPy arrays (the same passes, the same
+bits); any other call, and every call that is not valid, takes the path below.
+
 Validation (``_validate.py``) happens first, once: on any error no output buffer and no running
 statistic has been touched. Then each operation is a single call of the backend's operation of
 the same name (``backends/_contract.py``), which writes every output and updates the running
@@ -76,6 +81,14 @@ class Canonical:
 
 def _forward(x, gamma, beta, activation, residual, axis, eps, training, running_mean,
              running_var, momentum, out, backend, stream):
+    if out is None and stream is None:
+        be = backends.resolve(backend, (x, gamma, beta, residual, running_mean, running_var))
+        done = be.forward_direct(x, gamma, beta, activation, residual, axis, eps, training,
+                                 running_mean, running_var, momentum)
+        if done is not None:
+            return BatchNormOutput(*done)
+        return _forward_on(be, x, gamma, beta, activation, residual, axis, eps, training,
+                           running_mean, running_var, momentum, out)
     outs = () if out is None else tuple(out) if isinstance(out, (tuple, list)) else (out,)
     be = backends.resolve(backend, (x, gamma, beta, residual, running_mean, running_var) + outs)
     if stream is not None:
@@ -113,6 +126,14 @@ def _forward_on(be, x, gamma, beta, activation, residual, axis, eps, training, r
 
 def _backward(dy, y, x, mean, invstd, gamma, activation, residual, axis, training, out,
               backend, fused, stream):
+    if out is None and stream is None:
+        be = backends.resolve(backend, (dy, x, y, mean, invstd, gamma))
+        done = be.backward_direct(dy, x, mean, invstd, gamma, activation, y, residual, axis,
+                                  training)
+        if done is not None:
+            return done
+        return _backward_on(be, dy, y, x, mean, invstd, gamma, activation, residual, axis,
+                            training, out, fused)
     outs = () if out is None else tuple(out) if isinstance(out, (tuple, list)) else (out,)
     be = backends.resolve(backend, (dy, x, y, mean, invstd, gamma) + outs)
     if stream is not None:

@@ -30,7 +30,7 @@ for f in tests/test_*.py; do
 done
 lane2_log="$(mktemp)"
 lane3_log="$(mktemp)"
-python -m pytest -q --durations=15 $other_files > "$lane2_log" 2>&1 &
+python -m pytest -q --durations=30 $other_files > "$lane2_log" 2>&1 &
 lane2_pid=$!
 FASTBN_TEST_BACKENDS=cuda NUMBA_ENABLE_CUDASIM=1 python -m pytest -q -m "not gpu" \
   --durations=10 tests/test_backends.py tests/test_errors.py tests/test_fused.py \
@@ -38,7 +38,7 @@ FASTBN_TEST_BACKENDS=cuda NUMBA_ENABLE_CUDASIM=1 python -m pytest -q -m "not gpu
 lane3_pid=$!
 echo "== lane 1: reference + cpu kernel suites =="
 lane1_status=0
-python -m pytest -q --durations=15 $kernel_suites || lane1_status=$?
+python -m pytest -q --durations=30 $kernel_suites || lane1_status=$?
 lane2_status=0
 wait "$lane2_pid" || lane2_status=$?
 echo "== lane 2: api, trainer, MPI, torch adapter, pool, cli, benchmarks smoke (cpu) =="

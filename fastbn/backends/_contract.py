@@ -102,6 +102,15 @@ HELPERS = {
     "shares_memory": "shares_memory(a, b) -> bool: exact (or conservative) overlap test",
     "to_host": "to_host(a) -> a NumPy array with a's values",
     "to_device": "to_device(a) -> a's values in this backend's memory",
+    "forward_direct": "forward_direct(x, gamma, beta, activation, residual, axis, eps, training, "
+                      "running_mean, running_var, momentum) -> (y, mean, invstd), or None: the "
+                      "whole public forward (no out=) on its raw arguments when they are of the "
+                      "backend's common kind, with the bits of the API's path; None (having "
+                      "changed nothing) for anything else, which the API then validates and "
+                      "runs",
+    "backward_direct": "backward_direct(dy, x, mean, invstd, gamma, activation, y, residual, "
+                       "axis, training) -> (dx, dgamma, dbeta, dresidual or None), or None: as "
+                       "forward_direct, for the backward",
     "result": "result(a) -> the caller's object for an output array (cuda: the PyTorch tensor or "
               "CuPy array it views; host backends: a itself)",
 }

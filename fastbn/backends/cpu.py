@@ -1916,21 +1916,25 @@ def _small_rows_plan(x3, *others):
     """The plan of a small channels-last call, cached (planning costs more than their work):
     one serial row block, rows not grouped. None for other calls, and when any of the other
     x-shaped arrays (None or arrays) is not C-contiguous (then the general path copies)."""
-    shape = x3.shape
-    if shape[2] != 1 or shape[1] < 2 or x3.size >= _config.CPU_PARALLEL_MIN_SIZE:
-        return None
     for a in others:
         if a is not None and not a.flags.c_contiguous:
             return None
+    return _small_plan(x3.shape, x3.itemsize)
+
+
+def _small_plan(shape3, itemsize):
+    """_small_rows_plan for C-contiguous arrays of shape3."""
+    if shape3[2] != 1 or shape3[1] < 2 or shape3[0] * shape3[1] >= _config.CPU_PARALLEL_MIN_SIZE:
+        return None
     settings = _settings()
-    cached = _small_plans.get(shape)
+    cached = _small_plans.get(shape3)
     if cached is None or cached[1] != settings:
-        plan = _plan_for("forward_eval", shape, x3.itemsize, 1, True, False)
+        plan = _plan_for("forward_eval", shape3, itemsize, 1, True, False)
         if plan.blocks != 1:
             plan = None
         if len(_small_plans) > 256:
             _small_plans.clear()
-        cached = _small_plans[shape] = (plan, settings)
+        cached = _small_plans[shape3] = (plan, settings)
     return cached[0]
 
 
@@ -1962,6 +1966,22 @@ def moments(x3, mean, var):
         var[...] = stats[1] / count
 
 
+def _train_pass(x3, weight, bias, eps, residual3, act, y3, stats):
+    """stats (2, C) float64 (mean, biased var) and y3 of one forward_train: x3 contiguous, the
+    vectors from _vectors."""
+    plan = _small_rows_plan(x3, y3, residual3)
+    if plan is not None:                        # every array fits: views without checks
+        _rows_forward_train_whole(_bits(x3)[:, :, 0], weight, bias, eps,
+                                  None if residual3 is None else _bits(residual3)[:, :, 0],
+                                  act, plan.shift_rows, 1, 1, _bits(y3)[:, :, 0], stats)
+        return
+    plan = _plan("forward_train", x3, 1 if residual3 is None else 2)
+    y = _Output(plan, y3)
+    _KERNELS["forward_train", plan.kind](plan, x3.size, _view(plan, x3), weight, bias, eps,
+                                         _input(plan, residual3), act, y.view, stats)
+    y.done()
+
+
 def forward_train(x3, weight, bias, eps, momentum, running_mean, running_var, activation,
                   residual3, warn, y3, mean, invstd):
     channels = x3.shape[1]
@@ -1970,19 +1990,8 @@ def forward_train(x3, weight, bias, eps, momentum, running_mean, running_var, ac
     eps = float(eps)
     stats = np.empty((2, channels))
     weight, bias = _vectors(channels, (weight, bias), _IDENTITY)
-    act = _ACTIVATION_TAGS[activation]
-    x3 = _contiguous(x3)
-    plan = _small_rows_plan(x3, y3, residual3)
-    if plan is not None:                        # every array fits: views without checks
-        _rows_forward_train_whole(_bits(x3)[:, :, 0], weight, bias, eps,
-                                  None if residual3 is None else _bits(residual3)[:, :, 0],
-                                  act, plan.shift_rows, 1, 1, _bits(y3)[:, :, 0], stats)
-    else:
-        plan = _plan("forward_train", x3, 1 if residual3 is None else 2)
-        y = _Output(plan, y3)
-        _KERNELS["forward_train", plan.kind](plan, x3.size, _view(plan, x3), weight, bias, eps,
-                                             _input(plan, residual3), act, y.view, stats)
-        y.done()
+    _train_pass(_contiguous(x3), weight, bias, eps, residual3, _ACTIVATION_TAGS[activation], y3,
+                stats)
     count = x3.shape[0] * x3.shape[2]
     direct = _direct(mean) and _direct(invstd)
     update = running_mean is not None
@@ -2004,36 +2013,62 @@ def forward_train(x3, weight, bias, eps, momentum, running_mean, running_var, ac
                              warn)
 
 
+def _eval_pass(x3, running_mean, running_var, weight, bias, eps, residual3, act, y3,
+               coefficients, mean, invstd):
+    """coefficients (4, C), the mean/invstd outputs (contiguous float32/float64) and y3 of one
+    forward_eval: x3 contiguous, the vectors from _vectors."""
+    plan = _small_rows_plan(x3, y3, residual3)
+    if plan is not None:                        # coefficients and y in one call
+        _rows_forward_eval_small(_bits(x3)[:, :, 0], running_mean, running_var, weight, bias,
+                                 eps, None if residual3 is None else _bits(residual3)[:, :, 0],
+                                 act, _bits(y3)[:, :, 0], coefficients, mean, invstd)
+        return
+    _eval_coefficients(running_mean, running_var, weight, bias, eps, coefficients, mean, invstd)
+    if x3.size:
+        plan = _plan("forward_eval", x3, 1)
+        y = _Output(plan, y3)
+        _KERNELS["forward_eval", plan.kind](plan, x3.size, _view(plan, x3), coefficients,
+                                            _input(plan, residual3), act, y.view)
+        y.done()
+
+
 def forward_eval(x3, weight, bias, running_mean, running_var, eps, activation, residual3, y3,
                  mean, invstd):
     channels = x3.shape[1]
     eps = float(eps)
     coefficients = np.empty((4, channels))
     direct = _direct(mean) and _direct(invstd)
-    mean_out = mean if direct else coefficients[0]
-    invstd_out = invstd if direct else coefficients[3]
     running_mean, running_var, weight, bias = _vectors(
         channels, (running_mean, running_var, weight, bias), (0.0, 1.0, 1.0, 0.0))
-    act = _ACTIVATION_TAGS[activation]
-    x3 = _contiguous(x3)
-    plan = _small_rows_plan(x3, y3, residual3)
-    if plan is not None:                        # coefficients and y in one call
-        _rows_forward_eval_small(_bits(x3)[:, :, 0], running_mean, running_var, weight, bias,
-                                 eps, None if residual3 is None else _bits(residual3)[:, :, 0],
-                                 act, _bits(y3)[:, :, 0], coefficients, mean_out, invstd_out)
-    else:
-        _eval_coefficients(running_mean, running_var, weight, bias, eps, coefficients, mean_out,
-                           invstd_out)
-        if x3.size:
-            plan = _plan("forward_eval", x3, 1)
-            y = _Output(plan, y3)
-            _KERNELS["forward_eval", plan.kind](plan, x3.size, _view(plan, x3), coefficients,
-                                                _input(plan, residual3), act, y.view)
-            y.done()
+    _eval_pass(_contiguous(x3), running_mean, running_var, weight, bias, eps, residual3,
+               _ACTIVATION_TAGS[activation], y3, coefficients,
+               mean if direct else coefficients[0], invstd if direct else coefficients[3])
     if not direct:
         with np.errstate(over="ignore"):
             mean[...] = coefficients[0]
             invstd[...] = coefficients[3]
+
+
+def _backward_pass(dy3, x3, y3, act, mean, invstd, weight, training, dx3, dresidual3, dbeta,
+                   dgamma):
+    """dx3 (and dresidual3), dbeta and dgamma (contiguous float32/float64) of one backward:
+    dy3, x3, y3 contiguous and not empty, the vectors from _vectors."""
+    plan = _small_rows_plan(x3, dx3, dresidual3)
+    if plan is not None:                        # every array fits: views without checks
+        _rows_backward_whole(_bits(dy3)[:, :, 0], _bits(x3)[:, :, 0],
+                             None if y3 is None else _bits(y3)[:, :, 0], act, mean, invstd,
+                             weight, training, 1, 1, _bits(dx3)[:, :, 0],
+                             None if dresidual3 is None else _bits(dresidual3)[:, :, 0],
+                             dbeta, dgamma)
+        return
+    plan = _plan("backward", x3, 2 if y3 is None else 3)
+    dx = _Output(plan, dx3)
+    dres = _Output(plan, dresidual3)
+    _KERNELS["backward", plan.kind](plan, x3.size, _input(plan, dy3), _view(plan, x3),
+                                    _input(plan, y3), act, mean, invstd, weight, training,
+                                    dx.view, dres.view, dbeta, dgamma)
+    dx.done()
+    dres.done()
 
 
 def backward(dy3, x3, mean, invstd, weight, training, activation, y3, dx3, dgamma, dbeta,
@@ -2050,25 +2085,8 @@ def backward(dy3, x3, mean, invstd, weight, training, activation, y3, dx3, dgamm
         if act is None:
             y3 = None      # the derivative needs y only through an activation
         mean, invstd, weight = _vectors(channels, (mean, invstd, weight), (0.0, 1.0, 1.0))
-        training = bool(training)
-        dy3, x3, y3 = _contiguous(dy3), _contiguous(x3), _contiguous(y3)
-        plan = _small_rows_plan(x3, dx3, dresidual3)
-        if plan is not None:                    # every array fits: views without checks
-            _rows_backward_whole(_bits(dy3)[:, :, 0], _bits(x3)[:, :, 0],
-                                 None if y3 is None else _bits(y3)[:, :, 0], act, mean, invstd,
-                                 weight, training, 1, 1, _bits(dx3)[:, :, 0],
-                                 None if dresidual3 is None else _bits(dresidual3)[:, :, 0],
-                                 dbeta_out, dgamma_out)
-        else:
-            plan = _plan("backward", x3, 2 if y3 is None else 3)
-            dx = _Output(plan, dx3)
-            dres = _Output(plan, dresidual3)
-            _KERNELS["backward", plan.kind](plan, x3.size, _input(plan, dy3), _view(plan, x3),
-                                            _input(plan, y3), act, mean, invstd, weight,
-                                            training, dx.view, dres.view, dbeta_out,
-                                            dgamma_out)
-            dx.done()
-            dres.done()
+        _backward_pass(_contiguous(dy3), _contiguous(x3), _contiguous(y3), act, mean, invstd,
+                       weight, bool(training), dx3, dresidual3, dbeta_out, dgamma_out)
     if not direct:
         with np.errstate(over="ignore", invalid="ignore"):
             dbeta[...] = sums[0]
@@ -2113,3 +2131,201 @@ def update_running_stats(running_mean, running_var, mean, var, count, momentum, 
                                 float(count), float(momentum)) == 0):
         return
     reference.update_running_stats(running_mean, running_var, mean, var, count, momentum, warn)
+
+
+# ----------------------------------------------------------------------------------------------
+# direct calls: the whole public operation on its raw arguments, for the common kind of call
+# (plain C-contiguous NumPy arrays, float32/float64 vectors of one dtype, no out=). Checking
+# that kind costs a few attribute reads; the operation then runs the very passes above, with the
+# arguments the API's path would give them, so it computes the same bits. Anything else (and a
+# batch whose running statistics would not be finite) returns None: the API then validates in
+# full, explains what is wrong, or warns, and runs the operation.
+
+_NATIVE_VECTOR_DTYPES = frozenset({np.dtype(np.float32), np.dtype(np.float64)})
+_NATIVE_DTYPES = frozenset({np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)})
+_STATS_DTYPES = {np.dtype(np.float16): np.dtype(np.float32),
+                 np.dtype(np.float32): np.dtype(np.float32),
+                 np.dtype(np.float64): np.dtype(np.float64)}
+_direct_layouts = {}
+
+
+def _direct_layout(x, axis):
+    """(shape3, values per channel) of a C-contiguous, non-empty float array x with an int
+    axis, cached per (shape, strides, dtype, axis); None for any other x."""
+    key = (x.shape, x.strides, x.dtype, axis)
+    entry = _direct_layouts.get(key, False)
+    if entry is False:
+        entry = None
+        if (x.dtype in _NATIVE_DTYPES and x.ndim >= 2 and -x.ndim <= axis < x.ndim
+                and x.size > 0 and x.flags.c_contiguous):
+            shape3 = _layout.layout_of(x.shape, x.strides, axis % x.ndim).shape3
+            entry = (shape3, shape3[0] * shape3[2])
+        if len(_direct_layouts) > 1024:
+            _direct_layouts.clear()
+        _direct_layouts[key] = entry
+    return entry
+
+
+def _vector_dtype(channels, vectors):
+    """The one dtype of the given vectors when each is a contiguous, writeable, native
+    float32/float64 (C,) ndarray of it (float64 when none is given); None otherwise."""
+    dtype = _FLOAT64
+    first = True
+    for v in vectors:
+        if v is None:
+            continue
+        if type(v) is not np.ndarray or v.shape != (channels,):
+            return None
+        if first:
+            dtype = v.dtype
+            if dtype not in _NATIVE_VECTOR_DTYPES:
+                return None
+            first = False
+        elif v.dtype != dtype:
+            return None
+        flags = v.flags
+        if not (flags.c_contiguous and flags.writeable):
+            return None
+    return dtype
+
+
+def _like_x(a, x):
+    return type(a) is np.ndarray and a.shape == x.shape and a.strides == x.strides \
+        and a.dtype == x.dtype
+
+
+def _owner(a):
+    return a.base is None and a.flags.owndata
+
+
+def _updated_apart(running_mean, running_var, x, gamma, beta, residual):
+    """Whether the running statistics (written) cannot overlap each other or any input: each
+    array owns its memory and none is another, or else no two memory bounds meet (bounds that
+    meet go to the API's exact checks, which decide and explain)."""
+    if running_mean is running_var:
+        return False
+    if (running_mean.base is None and running_var.base is None and x.base is None
+            and (gamma is None or gamma.base is None) and (beta is None or beta.base is None)
+            and (residual is None or residual.base is None)
+            and running_mean.flags.owndata and running_var.flags.owndata and x.flags.owndata
+            and (gamma is None or gamma.flags.owndata) and (beta is None or beta.flags.owndata)
+            and (residual is None or residual.flags.owndata)):
+        # owners, and not the same arrays: an input that is one of the statistics is the one
+        # case left (the statistics are distinct, their dtype and shape tell x and residual
+        # apart from them)
+        return gamma is not running_mean and gamma is not running_var \
+            and beta is not running_mean and beta is not running_var
+    if np.may_share_memory(running_mean, running_var):
+        return False
+    for a in (x, gamma, beta, residual):
+        if a is not None and (np.may_share_memory(running_mean, a)
+                              or np.may_share_memory(running_var, a)):
+            return False
+    return True
+
+
+def _activation_tag(activation):
+    """The kernels' tag of a valid activation; False for anything else."""
+    if activation is None:
+        return None
+    if type(activation) is str:
+        return _ACTIVATION_TAGS.get(activation, False)
+    return False
+
+
+def forward_direct(x, gamma, beta, activation, residual, axis, eps, training, running_mean,
+                   running_var, momentum):
+    if not (_config.CPU_DIRECT and type(x) is np.ndarray and type(axis) is int
+            and type(eps) is float and 0.0 < eps < math.inf and type(momentum) is float
+            and 0.0 <= momentum <= 1.0 and type(training) is bool
+            and (running_mean is None) == (running_var is None)
+            and (training or running_mean is not None)):
+        return None
+    act = _activation_tag(activation)
+    if act is False or (residual is not None and not _like_x(residual, x)):
+        return None
+    layout = _direct_layout(x, axis)
+    if layout is None:
+        return None
+    shape3, count = layout
+    channels = shape3[1]
+    sdtype = _STATS_DTYPES[x.dtype]
+    y = empty_like(x)
+    mean = np.empty(channels, sdtype)
+    invstd = np.empty(channels, sdtype)
+    residual3 = None if residual is None else residual.reshape(shape3)
+    if training:
+        dtype = _vector_dtype(channels, (gamma, beta))
+        if (dtype is None or count < 2 or running_mean is not None and (
+                _vector_dtype(channels, (running_mean, running_var)) != sdtype
+                or not _updated_apart(running_mean, running_var, x, gamma, beta, residual))):
+            return None
+        stats = np.empty((2, channels))
+        weight = _constant(1.0, channels, dtype) if gamma is None else gamma
+        bias = _constant(0.0, channels, dtype) if beta is None else beta
+        plan = _small_plan(shape3, x.itemsize)
+        if plan is not None:        # _train_pass's small call, on (outer, C) views
+            rows = (shape3[0], channels)
+            _rows_forward_train_whole(_bits(x).reshape(rows), weight, bias, eps,
+                                      None if residual is None else _bits(residual).reshape(rows),
+                                      act, plan.shift_rows, 1, 1, _bits(y).reshape(rows), stats)
+        else:
+            _train_pass(x.reshape(shape3), weight, bias, eps, residual3, act, y.reshape(shape3),
+                        stats)
+        if _finish_forward_train(stats, eps, mean, invstd, running_mean, running_var,
+                                 float(count), momentum):
+            return None         # (nothing updated: the API's path warns, and updates the rest)
+        return y, mean, invstd
+    dtype = _vector_dtype(channels, (running_mean, running_var, gamma, beta))
+    if dtype is None:
+        return None
+    weight = _constant(1.0, channels, dtype) if gamma is None else gamma
+    bias = _constant(0.0, channels, dtype) if beta is None else beta
+    plan = _small_plan(shape3, x.itemsize)
+    if plan is not None:            # _eval_pass's small call, on (outer, C) views
+        rows = (shape3[0], channels)
+        _rows_forward_eval_small(_bits(x).reshape(rows), running_mean, running_var, weight, bias,
+                                 eps, None if residual is None else _bits(residual).reshape(rows),
+                                 act, _bits(y).reshape(rows), np.empty((4, channels)), mean,
+                                 invstd)
+    else:
+        _eval_pass(x.reshape(shape3), running_mean, running_var, weight, bias, eps, residual3,
+                   act, y.reshape(shape3), np.empty((4, channels)), mean, invstd)
+    return y, mean, invstd
+
+
+def backward_direct(dy, x, mean, invstd, gamma, activation, y, residual, axis, training):
+    if not (_config.CPU_DIRECT and type(x) is np.ndarray and _like_x(dy, x)
+            and type(axis) is int and type(training) is bool and type(residual) is bool
+            and mean is not None and invstd is not None):
+        return None
+    act = _activation_tag(activation)
+    if act is False or (y is None and act is not None) or (y is not None and not _like_x(y, x)):
+        return None
+    layout = _direct_layout(x, axis)
+    if layout is None:
+        return None
+    shape3 = layout[0]
+    channels = shape3[1]
+    dtype = _vector_dtype(channels, (mean, invstd, gamma))
+    if dtype is None:
+        return None
+    dx = empty_like(x)
+    dresidual = empty_like(x) if residual else None
+    dgamma = np.empty(channels, dtype)
+    dbeta = np.empty(channels, dtype)
+    weight = _constant(1.0, channels, dtype) if gamma is None else gamma
+    plan = _small_plan(shape3, x.itemsize)
+    if plan is not None:            # _backward_pass's small call, on (outer, C) views
+        rows = (shape3[0], channels)
+        _rows_backward_whole(_bits(dy).reshape(rows), _bits(x).reshape(rows),
+                             None if act is None else _bits(y).reshape(rows), act, mean, invstd,
+                             weight, training, 1, 1, _bits(dx).reshape(rows),
+                             None if dresidual is None else _bits(dresidual).reshape(rows),
+                             dbeta, dgamma)
+    else:
+        _backward_pass(dy.reshape(shape3), x.reshape(shape3),
+                       None if act is None else y.reshape(shape3), act, mean, invstd, weight,
+                       training, dx.reshape(shape3),
+                       None if dresidual is None else dresidual.reshape(shape3), dbeta, dgamma)
+    return dx, dgamma, dbeta, dresidual

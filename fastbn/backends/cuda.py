@@ -1279,6 +1279,17 @@ def _allocate(shape, dtype, strides, like):
     return array
 
 
+def forward_direct(x, gamma, beta, activation, residual, axis, eps, training, running_mean,
+                   running_var, momentum):
+    """No direct path (launches are already one per operation): the API validates and runs
+    the operation."""
+    return None
+
+
+def backward_direct(dy, x, mean, invstd, gamma, activation, y, residual, axis, training):
+    return None
+
+
 def empty(shape, dtype, like=None):
     """An uninitialized device array, from the call's array library (PyTorch in: torch.empty on
     the input's device, its caching allocator; CuPy in: CuPy's pool; otherwise numba). ``like``:
