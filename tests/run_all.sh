@@ -20,7 +20,7 @@ python -c "import torch" || { echo "run_all: PyTorch is not importable; its test
 # only compiled twice). Lanes 2 and 3 are shown after lane 1.
 kernel_suites="tests/test_backends.py tests/test_fused.py tests/test_invariants.py
   tests/test_errors.py tests/test_contract.py tests/test_cpu_kernels.py tests/test_determinism.py
-  tests/test_reference.py tests/test_stats.py"
+  tests/test_reference.py tests/test_stats.py tests/test_direct.py"
 # lane 2 starts with test_cuda.py (its PTX test compiles for the GPU, no cpu kernel), so that
 # lane 1 has compiled and cached the common cpu kernels by the time lane 2's tests call them
 other_files="tests/test_cuda.py"

@@ -54,7 +54,7 @@ def _same_bits(a, b, what):
 
 
 @given(case=bn_cases(param_dtypes=DTYPES), training=st.booleans(),
-       running_dtype=st.sampled_from(["float32", "float64", None]),
+       running_dtype=st.sampled_from(["float16", "float32", "float64", None]),
        activation=st.sampled_from([None, "relu", "sigmoid"]), with_residual=st.booleans(),
        want_dresidual=st.booleans())
 def test_direct_path_gives_the_bits_of_the_full_path(case, training, running_dtype, activation,
@@ -110,7 +110,8 @@ def test_the_common_calls_take_the_direct_path(monkeypatch, shape):
 
 @pytest.mark.parametrize("change", ["float64 eps", "bool axis", "read-only gamma",
                                     "float16 gamma", "F-order x", "mixed vector dtypes",
-                                    "float64 running stats", "one running stat",
+                                    "float64 running stats", "float16 running stats",
+                                    "float64 x, float16 running stats", "one running stat",
                                     "running stat is x's row", "same running arrays"])
 def test_other_calls_take_the_full_path_unchanged(change):
     """Each of these is refused by the direct path (forward_direct returns None, having changed
@@ -133,6 +134,14 @@ def test_other_calls_take_the_full_path_unchanged(change):
     elif change == "float64 running stats":
         kwargs["running_mean"], kwargs["running_var"] = rm.astype(np.float64), rv.astype(
             np.float64)
+    elif change == "float16 running stats":
+        kwargs["running_mean"], kwargs["running_var"] = rm.astype(np.float16), rv.astype(
+            np.float16)
+    elif change == "float64 x, float16 running stats":     # NumPy reads None as float64
+        x = x.astype(np.float64)
+        gamma, beta = gamma.astype(np.float64), beta.astype(np.float64)
+        kwargs["running_mean"], kwargs["running_var"] = rm.astype(np.float16), rv.astype(
+            np.float16)
     elif change == "one running stat":
         kwargs["running_var"] = None
     elif change == "running stat is x's row":

@@ -2256,10 +2256,14 @@ def forward_direct(x, gamma, beta, activation, residual, axis, eps, training, ru
     residual3 = None if residual is None else residual.reshape(shape3)
     if training:
         dtype = _vector_dtype(channels, (gamma, beta))
-        if (dtype is None or count < 2 or running_mean is not None and (
-                _vector_dtype(channels, (running_mean, running_var)) != sdtype
-                or not _updated_apart(running_mean, running_var, x, gamma, beta, residual))):
+        if dtype is None or count < 2:
             return None
+        if running_mean is not None:
+            running_dtype = _vector_dtype(channels, (running_mean, running_var))
+            # (is None first: NumPy reads None as float64, so None == float64 is True)
+            if (running_dtype is None or running_dtype != sdtype
+                    or not _updated_apart(running_mean, running_var, x, gamma, beta, residual)):
+                return None
         stats = np.empty((2, channels))
         weight = _constant(1.0, channels, dtype) if gamma is None else gamma
         bias = _constant(0.0, channels, dtype) if beta is None else beta
