@@ -368,3 +368,34 @@ def test_small_chunks_split_every_path(monkeypatch):
         got = _fused_outputs(cpu, x3, dy3, None, None)
         want = _fused_outputs(reference, x3, dy3, None, None)
         _compare(got, want, "float32", shape3[0] * shape3[2])
+
+
+@numba.njit(error_model="numpy", boundscheck=False)
+def _exp_all(t, out):
+    for i in range(t.shape[0]):
+        out[i] = cpu._exp(t[i])
+
+
+@pytest.mark.parametrize("dtype, lo, hi, ulps", [("float32", -87.0, 88.0, 1.0),
+                                                 ("float64", -708.0, 709.0, 1.5)])
+def test_exp_is_within_an_ulp_or_so_and_keeps_nan(dtype, lo, hi, ulps):
+    """The kernels' exp (the fused sigmoid's): relative error against exp in long double, in
+    units of the dtype's epsilon, over its whole clamped range and densely near 0; NaN stays
+    NaN; beyond the range it saturates (exp(88) / exp(709) for overflow, exp(-87) / exp(-708)
+    for underflow), so the sigmoid still goes to 0 and 1."""
+    t = np.concatenate([np.linspace(lo, hi, 200001), np.linspace(-2, 2, 200001),
+                        np.random.default_rng(0).uniform(lo, hi, 100000)]).astype(dtype)
+    out = np.empty_like(t)
+    _exp_all(t, out)
+    exact = np.exp(t.astype(np.longdouble))
+    error = np.abs(out.astype(np.longdouble) - exact) / exact / np.finfo(dtype).eps
+    assert float(error.max()) <= ulps, float(error.max())
+    special = np.array([np.nan, np.inf, -np.inf, 1e4, -1e4, 0.0], dtype)
+    out = np.empty_like(special)
+    _exp_all(special, out)
+    assert np.isnan(out[0]) and out[5] == 1.0
+    eps = float(np.finfo(dtype).eps)
+    assert out[1] == out[3] and abs(out[1] / np.exp(np.longdouble(hi)) - 1) < 2 * eps
+    assert out[2] == out[4] and abs(out[2] / np.exp(np.longdouble(lo)) - 1) < 2 * eps
+    sigmoid = 1 / (1 + out[1:3])
+    assert sigmoid[0] < 1e-37 and sigmoid[1] == 1.0
