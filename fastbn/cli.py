@@ -19,6 +19,7 @@ import json
 import math
 import os
 import sys
+import time
 import traceback
 import zlib
 from pathlib import Path
@@ -368,16 +369,21 @@ def _abort(comm, command, exc):
     """This rank failed on its own: print why, naming the rank, and end the whole job (the
     other ranks would wait for it forever in their next collective)."""
     rank, size = comm.Get_rank(), comm.Get_size()
+    text = ""
     if isinstance(exc, KeyboardInterrupt):
         what = "interrupted"
     else:
         what = f"{type(exc).__name__}: {exc}"
-        sys.stderr.write("".join(traceback.format_exception(type(exc), exc,
-                                                            exc.__traceback__)))
-    sys.stderr.write(f"fastbn {command}: rank {rank} of {size}: {what}\n"
-                     f"fastbn: aborting the MPI job (the other ranks would otherwise wait for "
-                     f"rank {rank} forever)\n")
+        text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    text += (f"fastbn {command}: rank {rank} of {size}: {what}\n"
+             f"fastbn: aborting the MPI job (the other ranks would otherwise wait for "
+             f"rank {rank} forever)\n")
+    # one unbuffered write, then a moment for mpiexec to forward it: Abort kills every process
+    # at once, and output still in the launcher's pipes can be lost (CI once lost the last
+    # line, the traceback having arrived)
     sys.stderr.flush()
+    os.write(2, text.encode(errors="replace"))
+    time.sleep(0.5)
     comm.Abort(1)
     os._exit(1)   # Abort does not return; should a broken MPI let it, still stop here
 

@@ -6,7 +6,7 @@ import warnings
 
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fastbn
@@ -53,6 +53,7 @@ def _same_bits(a, b, what):
     assert a.tobytes() == b.tobytes(), what
 
 
+@settings(max_examples=20)     # (each new mix of dtypes, activation and residual compiles)
 @given(case=bn_cases(param_dtypes=DTYPES), training=st.booleans(),
        running_dtype=st.sampled_from(["float16", "float32", "float64", None]),
        activation=st.sampled_from([None, "relu", "sigmoid"]), with_residual=st.booleans(),

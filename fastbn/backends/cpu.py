@@ -69,6 +69,8 @@ Kernel versions (measurements in docs/perf_log.md):
       gives the bits of the unmixed call.
   v8  elementwise passes over runs of CPU_MIN_SCALAR_RUN..CPU_MIN_RUN values go run by run
       with per-channel coefficients (per-column vectors outgrew the caches).
+  v9  the direct path for the common call (forward_direct / backward_direct: the same passes,
+      without the API's layers); the fused sigmoid's exp as vectorizable arithmetic.
 """
 import concurrent.futures
 import math
