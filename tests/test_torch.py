@@ -835,7 +835,7 @@ def test_bench_torch_quick_runs(tmp_path):
 
     from benchmarks import bench_torch
     out = tmp_path / "torch.json"
-    deadline = 420
+    deadline = 600
     code = ("import faulthandler, runpy, sys, torch; "
             "torch.backends.mkldnn.enabled = False; "  # see _without_onednn
             f"faulthandler.dump_traceback_later({deadline}, exit=True); "
