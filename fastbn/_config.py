@@ -12,8 +12,13 @@ CPU_JIT_OPTIONS = dict(cache=os.environ.get("FASTBN_NO_CACHE", "") == "", nogil=
                        error_model="numpy", boundscheck=False)
 
 # Tensors with fewer elements than this run in the calling thread: handing tasks to the thread
-# pool costs more than the work.
-CPU_PARALLEL_MIN_SIZE = int(os.environ.get("FASTBN_CPU_PARALLEL_MIN_SIZE", 1 << 16))
+# pool costs more than the work. One hand-off (a pass split over the pool's Python threads)
+# costs about 60 us on a 2-core VM (an empty kernel's cpu._run: 60.1 us at 2 threads, 2.7 us at
+# 1), and a forward makes two. On a 2-core AMD EPYC two threads were slower than one up to
+# about 0.5-1M elements (64x64x8x8 channels_last forward-train 325 us against 122 us at one
+# thread) and faster from about 1M (16x128x28x28 backward 539 us against 976); docs/perf_log.md
+# v10. Only speed depends on it: the splits, and so the bits, depend on the shape alone.
+CPU_PARALLEL_MIN_SIZE = int(os.environ.get("FASTBN_CPU_PARALLEL_MIN_SIZE", 1 << 20))
 
 # The common kind of call (plain C-contiguous NumPy arrays, no out=) takes the cpu backend's
 # direct path: a few attribute reads in place of the API's full validation, the same passes and
