@@ -177,8 +177,8 @@ SCALING_CASES = (
     Case("mlp", (8192, 512), "NC", "float32"),
 )
 
-# The smoke run (CI): every layout and dtype at tiny, non-power-of-two sizes, one of them above
-# CPU_PARALLEL_MIN_SIZE so that the parallel kernels run.
+# The smoke run (CI): every layout and dtype at tiny, non-power-of-two sizes, and one larger
+# shape cut into several tasks (it runs in the calling thread: it is below CPU_PARALLEL_MIN_SIZE).
 SMOKE_CASES = tuple(
     [Case("smoke", (3, 5, 7, 9), layout, dtype)
      for layout in ("NCHW", "NHWC", "NHWC-view") for dtype in ("float16", "float32", "float64")]

@@ -18,7 +18,7 @@ import sys
 import tempfile
 import time
 
-LAYOUTS = {            # shape (above CPU_PARALLEL_MIN_SIZE: the kernels large tensors run), axis
+LAYOUTS = {            # shape (a medium tensor of each layout), axis
     "NCHW": ((8, 16, 30, 30), 1),
     "NHWC": ((8, 30, 30, 16), -1),
     "NC": ((256, 512), 1),

@@ -18,7 +18,8 @@ import fastbn
 from fastbn import _config
 
 DTYPES = ["float16", "float32", "float64"]
-# (shape, axis): every path of the cpu backend, each above CPU_PARALLEL_MIN_SIZE
+# (shape, axis): every path of the cpu backend (serial_or_parallel sets CPU_PARALLEL_MIN_SIZE
+# so that each runs both in the calling thread and on the pool)
 CASES = [((2, 1, 20001), 1),        # C = 1: one channel split into segments
          ((3, 3, 4001), 1),         # C = 3: segments
          ((6, 5, 1201), 1),         # C = 5: segments
