@@ -17,7 +17,8 @@ CPU_JIT_OPTIONS = dict(cache=os.environ.get("FASTBN_NO_CACHE", "") == "", nogil=
 # 1), and a forward makes two. On a 2-core AMD EPYC two threads were slower than one up to
 # about 0.5-1M elements (64x64x8x8 channels_last forward-train 325 us against 122 us at one
 # thread) and faster from about 1M (16x128x28x28 backward 539 us against 976); docs/perf_log.md
-# v10. Only speed depends on it: the splits, and so the bits, depend on the shape alone.
+# v10. Only speed depends on it: the splits, and so the bits, depend on the shape alone. On a
+# machine with many cores or cheaper thread wake-ups a lower value may pay (the variable).
 CPU_PARALLEL_MIN_SIZE = int(os.environ.get("FASTBN_CPU_PARALLEL_MIN_SIZE", 1 << 20))
 
 # The common kind of call (plain C-contiguous NumPy arrays, no out=) takes the cpu backend's
