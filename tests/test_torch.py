@@ -31,15 +31,10 @@ RTOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-3}
 # of 3 and 5 channels), in PyTorch alone, without fastbn imported (docs/torch.md, "A PyTorch
 # crash"). These tests compare batch norms, not convolutions: the convolutions around them run
 # PyTorch's native kernels, so that oneDNN's bug cannot crash or hang the test lane.
-def _without_onednn():
-    saved = torch.backends.mkldnn.enabled
-    torch.backends.mkldnn.enabled = False
-    return saved
-
-
 @pytest.fixture(autouse=True)
 def fastbn_backend():
-    saved = _without_onednn()
+    saved = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = False
     try:
         with fastbn.use_backend(BACKEND):
             yield
@@ -830,14 +825,14 @@ def test_bench_torch_quick_runs(tmp_path):
     a deadline: a hang or a crash there fails this test with the child's tracebacks (Python's
     faulthandler dumps every thread's stack on SIGSEGV and when the deadline passes) instead of
     holding the test lane. A stop's CI once ran past its 90 minutes in this test, in-process:
-    oneDNN's heap corruption (see _without_onednn), so the child runs without oneDNN too."""
+    oneDNN's heap corruption (see fastbn_backend), so the child runs without oneDNN too."""
     import json
 
     from benchmarks import bench_torch
     out = tmp_path / "torch.json"
     deadline = 600
     code = ("import faulthandler, runpy, sys, torch; "
-            "torch.backends.mkldnn.enabled = False; "  # see _without_onednn
+            "torch.backends.mkldnn.enabled = False; "  # see fastbn_backend
             f"faulthandler.dump_traceback_later({deadline}, exit=True); "
             f"sys.argv = ['bench_torch', '--quick', '--json', {str(out)!r}]; "
             "runpy.run_module('benchmarks.bench_torch', run_name='__main__')")
